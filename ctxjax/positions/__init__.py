@@ -1,0 +1,1 @@
+"""Positional schemes (RoPE + scalings, ALiBi, xPos, absolute) and position-id generators."""

@@ -1,0 +1,97 @@
+"""Building blocks of the LLaMA-family decoder: RMSNorm, SwiGLU MLP, grouped-query attention.
+
+Every parameter carries logical axis names (embed, mlp, heads, kv_heads, head_dim, vocab) and
+the main activations are constrained with (batch, length, ...) names, so a sharding config can
+map them onto a mesh without touching this file. Outside a logical-rules context the
+constraints are no-ops.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ctxjax import attention
+from ctxjax.model.config import ModelConfig
+from ctxjax.positions import schemes
+
+
+def _init(cfg: ModelConfig, *names):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm (Zhang & Sennrich 2019), statistics in float32 as LLaMA."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTE):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+                       (x_BTE.shape[-1],), self.cfg.weight_dtype)
+    x = x_BTE.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
+    return (x * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTE):
+    cfg = self.cfg
+    dense = lambda feats, names, name: nn.Dense(
+        feats, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        kernel_init=_init(cfg, *names), name=name)
+    gate_BTM = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BTE)
+    up_BTM = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BTE)
+    h_BTM = nn.with_logical_constraint(nn.silu(gate_BTM) * up_BTM, ("batch", "length", "mlp"))
+    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BTM)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention; positions and segment ids are inputs, the scheme and the
+  kernel come from the config's registries."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    cfg = self.cfg
+    proj = lambda heads, names, name: nn.DenseGeneral(
+        (heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, *names), name=name)
+    q_BTHD = proj(cfg.num_attention_heads, ("embed", "heads", "head_dim"), "q_proj")(x_BTE)
+    k_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTE)
+    v_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTE)
+
+    scheme = schemes.get_scheme(cfg.position_embedding_type)
+    if scheme.rotate_qk is not None:
+      q_BTHD, k_BTKD = scheme.rotate_qk(cfg, q_BTHD, k_BTKD, positions_BT, positions_BT)
+    q_BTHD = nn.with_logical_constraint(q_BTHD, ("batch", "length", "heads", "head_dim"))
+    k_BTKD = nn.with_logical_constraint(k_BTKD, ("batch", "length", "kv_heads", "head_dim"))
+    v_BTKD = nn.with_logical_constraint(v_BTKD, ("batch", "length", "kv_heads", "head_dim"))
+
+    out_BTHD = attention.attend(
+        q_BTHD, k_BTKD, v_BTKD, q_positions=positions_BT, k_positions=positions_BT,
+        q_segment_ids=segment_ids_BT, k_segment_ids=segment_ids_BT,
+        pattern=cfg.attention_pattern, alibi_slopes=scheme.alibi_slopes(cfg.num_attention_heads),
+        impl=cfg.attention_impl)
+    out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
+    return nn.DenseGeneral(
+        cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, "heads", "head_dim", "embed"),
+        name="o_proj")(out_BTHD)
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
+    h = RMSNorm(self.cfg, name="input_layernorm")(x_BTE)
+    x_BTE = x_BTE + Attention(self.cfg, name="self_attn")(h, positions_BT, segment_ids_BT)
+    h = RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTE)
+    x_BTE = x_BTE + Mlp(self.cfg, name="mlp")(h)
+    return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))

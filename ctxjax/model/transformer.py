@@ -1,0 +1,119 @@
+"""The LLaMA-family decoder: embed -> N blocks -> final norm -> LM head.
+
+`Transformer(cfg).apply(variables, tokens, positions, segment_ids)` returns float32-castable
+logits [batch, length, vocab] in the compute dtype. Positions and segment ids are data: packing,
+PoSE, randomized positions, ring shards and kv-cache decoding all just pass them. When omitted
+(`model.apply(variables, tokens)`, the Hugging Face-style call), one contiguous document per row
+is assumed — decided here, at the boundary, never inside a layer.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ctxjax.model.config import ModelConfig
+from ctxjax.model.layers import Block, RMSNorm
+from ctxjax.positions import absolute, schemes
+from ctxjax.positions.generators import contiguous_positions
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class _ScanBlock(nn.Module):
+  """Adapter giving Block the (carry, x) -> (carry, y) signature nn.scan wants."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+    return Block(self.cfg, name="layer")(x_BTE, positions_BT, segment_ids_BT), None
+
+
+def _concrete(x):
+  """x as numpy if its values are known now (eager call), else None (inside a trace)."""
+  if isinstance(x, jax.core.Tracer):
+    return None
+  try:
+    return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None
+
+
+def _check_inputs(cfg: ModelConfig, tokens, positions):
+  """Boundary checks. Shapes always; values only when concrete (the trainer checks its batches
+  on the host before they reach jit)."""
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+  if positions.shape != tokens.shape:
+    raise ValueError(f"positions shape {positions.shape} != tokens shape {tokens.shape}")
+  tokens_np, positions_np = _concrete(tokens), _concrete(positions)
+  if tokens_np is not None:
+    lo, hi = int(tokens_np.min()), int(tokens_np.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+      raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}), "
+                       f"got min {lo}, max {hi}")
+  scheme = schemes.get_scheme(cfg.position_embedding_type)
+  if scheme.absolute is not None and positions_np is not None:
+    top = int(positions_np.max())
+    if top >= cfg.max_position_embeddings:
+      raise ValueError(f"{scheme.name} position table has max_position_embeddings="
+                       f"{cfg.max_position_embeddings} rows; got position {top}")
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+    cfg = self.cfg
+    batch, length = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = contiguous_positions(batch, length)
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((batch, length), jnp.int32)
+    _check_inputs(cfg, tokens_BT, positions_BT)
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.compute_dtype,
+                     param_dtype=cfg.weight_dtype, name="embed_tokens",
+                     embedding_init=nn.with_logical_partitioning(
+                         nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")))
+    x_BTE = embed(tokens_BT)
+    scheme = schemes.get_scheme(cfg.position_embedding_type)
+    if scheme.absolute == "sinusoidal":
+      x_BTE = x_BTE + absolute.sinusoidal_embedding(
+          positions_BT, cfg.hidden_size).astype(cfg.compute_dtype)
+    elif scheme.absolute == "learned":
+      table = self.param("embed_positions", nn.with_logical_partitioning(
+          nn.initializers.normal(cfg.initializer_range), (None, "embed")),
+          (cfg.max_position_embeddings, cfg.hidden_size), cfg.weight_dtype)
+      # mode="fill": a position past the table gives NaN, never a silently clamped row.
+      x_BTE = x_BTE + jnp.take(table, positions_BT, axis=0, mode="fill",
+                               fill_value=jnp.nan).astype(cfg.compute_dtype)
+
+    block = _ScanBlock if cfg.scan_layers else Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    if cfg.scan_layers:
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTE, _ = stack(cfg, name="layers")(x_BTE, positions_BT, segment_ids_BT)
+    else:
+      for i in range(cfg.num_hidden_layers):
+        x_BTE = block(cfg, name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
+
+    x_BTE = RMSNorm(cfg, name="norm")(x_BTE)
+    if cfg.tie_word_embeddings:
+      logits_BTV = embed.attend(x_BTE)
+    else:
+      logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                            param_dtype=cfg.weight_dtype, name="lm_head",
+                            kernel_init=nn.with_logical_partitioning(
+                                nn.initializers.normal(cfg.initializer_range),
+                                ("embed", "vocab")))(x_BTE)
+    return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))

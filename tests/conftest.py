@@ -1,0 +1,18 @@
+"""Shared test setup: CPU only, deterministic; tiny model configs."""
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `configs` is importable as a package from the repo root
+  sys.path.insert(0, ROOT)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_model_dict():
+  """A very small model config (as a plain dict) for fast unit tests."""
+  return dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              max_position_embeddings=128, scan_layers=True)
