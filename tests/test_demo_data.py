@@ -135,7 +135,7 @@ def test_tokenizer_round_trips(tok, docs, data_dir):
 
 @pytest.fixture(scope="module")
 def train(data_dir, tok):
-  return demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=3, data_dir=data_dir)
+  return demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=3, data_dir=data_dir, shuffle_rows=False)
 
 
 def test_batches_are_packed_epoch_order(train):
@@ -157,9 +157,10 @@ def test_batches_are_packed_epoch_order(train):
 def test_deterministic_for_a_seed(data_dir, train):
   train.reset()
   a = [next(train) for _ in range(4)]
-  b_iter = demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=3, data_dir=data_dir)
+  b_iter = demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=3, data_dir=data_dir, shuffle_rows=False)
   assert all(_equal_batches(x, next(b_iter)) for x in a)
-  other = demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=4, data_dir=data_dir)
+  other = demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=4, data_dir=data_dir,
+                        shuffle_rows=False)
   assert not _equal_batches(a[0], next(other))
 
 
@@ -180,8 +181,9 @@ def test_validation_is_disjoint_and_one_pass(data_dir, train):
   np.testing.assert_array_equal(tgt, want)
 
 
-def test_restore_continues_exactly_across_epochs(data_dir):
-  big = dict(vocab_size=VOCAB, seed=1, data_dir=data_dir)
+@pytest.mark.parametrize("shuffle_rows", [False, True])
+def test_restore_continues_exactly_across_epochs(data_dir, shuffle_rows):
+  big = dict(vocab_size=VOCAB, seed=1, data_dir=data_dir, shuffle_rows=shuffle_rows)
   ref = demo.DemoData(512, 32, **big)
   states, batches = [], []
   while True:  # run past the first epoch boundary
@@ -189,14 +191,29 @@ def test_restore_continues_exactly_across_epochs(data_dir):
     batches.append(next(ref))
     if ref.state["epoch"] == 1 and len(batches) > 3:
       break
-  assert states[0] == {"epoch": 0, "doc_index": 0, "offset": 0}
+  assert states[0] == ({"epoch": 0, "row": 0} if shuffle_rows else
+                       {"epoch": 0, "doc_index": 0, "offset": 0})
   for cut in (1, len(batches) - 3, len(batches) - 2):
     resumed = demo.DemoData(512, 32, **big)
     resumed.restore(json.loads(json.dumps(states[cut])))  # a plain-JSON round trip
     for want in batches[cut:]:
       assert _equal_batches(next(resumed), want)
-  with pytest.raises(ValueError, match="doc_index"):
+  with pytest.raises(ValueError, match="row" if shuffle_rows else "doc_index"):
     ref.restore({"epoch": 0, "doc_index": 10**6, "offset": 0})
+
+
+def test_shuffled_rows_are_a_permutation_of_the_packed_epoch(data_dir):
+  shuffled = demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=5, data_dir=data_dir)
+  plain = demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, seed=5, data_dir=data_dir,
+                        shuffle_rows=False)
+  rows = shuffled.epoch_rows(0)
+  n = len(rows["inputs"])
+  plain_rows = np.concatenate([next(plain)["inputs"] for _ in range(n // BATCH)])[:n]
+  key = lambda a: sorted(map(bytes, a))
+  assert key(rows["inputs"]) == key(plain_rows)
+  assert not np.array_equal(rows["inputs"], plain_rows)  # really shuffled
+  got = np.concatenate([next(shuffled)["inputs"] for _ in range(n // BATCH)])
+  np.testing.assert_array_equal(got, rows["inputs"][:len(got)])
 
 
 def test_unigram_entropy(train, docs):

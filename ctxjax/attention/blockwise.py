@@ -29,11 +29,13 @@ state/lse/delta: [B, K, G, Tq]):
     and `blockwise_backward` (full-shard backward given global out/lse), which a ring kernel can
     apply per rotated kv shard; `combine_partials` merges (out, lse) pairs from disjoint keys.
 
-Block sizes. Defaults (DEFAULT_BLOCK_Q/K = 512, measured fastest on XLA:CPU — see
-benchmarks/attention_blockwise.py): a sequence no longer than the default is one block;
-otherwise the largest divisor of the length in [128, default]; if there is none (e.g. a prime
-length) the sequence is padded internally to a multiple of the default with masked keys.
-Explicit `block_q` / `block_k` must divide the query / key length, else ValueError.
+Block sizes. Defaults DEFAULT_BLOCK_Q/K = 256, measured fastest on XLA:CPU (fwd+bwd, T 512-4096:
+128 ~ 256 < 512 << whole sequence; score tiles of 256x256 per head stay cache-resident, see
+benchmarks/attention_blockwise.py). A sequence no longer than the default is one block; otherwise
+the block is the largest divisor of the length in [MIN_AUTO_BLOCK=128, default]; if there is none
+(e.g. a prime length) the sequence is padded internally to a multiple of the default, the padded
+keys carrying a segment id no query has. Explicit `block_q` / `block_k` must divide the query /
+key length, else ValueError.
 """
 from __future__ import annotations
 
@@ -47,8 +49,8 @@ from jax import lax
 from ctxjax.attention.api import register_implementation
 from ctxjax.attention.patterns import Pattern
 
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_K = 512
+DEFAULT_BLOCK_Q = 256
+DEFAULT_BLOCK_K = 256
 MIN_AUTO_BLOCK = 128
 
 _F32 = jnp.float32
@@ -175,44 +177,29 @@ def block_backward(q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKGT, delta_BKGT, q_po
 
   `lse` and `delta` = rowsum(dO * O) must be the GLOBAL ones (over all keys of the row);
   lse = -inf (row sees no key anywhere) is handled. Inputs are expected in float32.
+
+  Scores are recomputed key-major, [B, K, Tk, G, Tq], so that dk = dS^T q and dv = P^T dO are
+  plain row-major matmuls (measured ~15-25% faster on XLA:CPU than the query-major layout,
+  which needs two transposed-lhs matmuls). `pattern.mask` is therefore called on positions
+  shaped [B, 1, Tk, 1, Tq] / [B, 1, 1, 1, Tq]: patterns must be elementwise and broadcasting
+  (as patterns.py requires), not assume a (Tq, Tk) trailing layout.
   """
   lse = jnp.where(jnp.isneginf(lse_BKGT), jnp.inf, lse_BKGT)  # empty row: P = 0, not NaN
-  if _BWD_TRANSPOSED:
-    return _block_backward_t(q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse, delta_BKGT, q_pos_BT,
-                             k_pos_BS, q_seg_BT, k_seg_BS, pattern=pattern, scale=scale,
-                             alibi_slopes_KG=alibi_slopes_KG)
-  s = block_logits(q_BKGTD, k_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, pattern=pattern,
-                   scale=scale, alibi_slopes_KG=alibi_slopes_KG)
-  p = jnp.exp(s - lse[..., None])
-  dv = jnp.einsum("bkgts,bkgtd->bksd", p, do_BKGTD, preferred_element_type=_F32)
-  dp = jnp.einsum("bkgtd,bksd->bkgts", do_BKGTD, v_BKSD, preferred_element_type=_F32)
-  ds = p * (dp - delta_BKGT[..., None]) * scale
-  dq = jnp.einsum("bkgts,bksd->bkgtd", ds, k_BKSD, preferred_element_type=_F32)
-  dk = jnp.einsum("bkgts,bkgtd->bksd", ds, q_BKGTD, preferred_element_type=_F32)
-  return dq, dk, dv
-
-
-_BWD_TRANSPOSED = True
-
-
-def _block_backward_t(q, k, v, do, lse, delta, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *,
-                      pattern, scale, alibi_slopes_KG=None):
-  """block_backward with key-major scores [B, K, Tk, G, Tq]: dk, dv are plain (NN) matmuls."""
-  st = jnp.einsum("bksd,bkgtd->bksgt", k, q, preferred_element_type=_F32) * scale
+  st = jnp.einsum("bksd,bkgtd->bksgt", k_BKSD, q_BKGTD, preferred_element_type=_F32) * scale
   q_pos = q_pos_BT[:, None, None, None, :]
   k_pos = k_pos_BS[:, None, :, None, None]
   mask = pattern.mask(q_pos, k_pos)
   mask &= q_seg_BT[:, None, None, None, :] == k_seg_BS[:, None, :, None, None]
   if alibi_slopes_KG is not None:
     slopes = jnp.asarray(alibi_slopes_KG, _F32)[None, :, None, :, None]
-    st = st - slopes * (q_pos - k_pos).astype(_F32)
+    st = st - slopes * (q_pos - k_pos).astype(_F32)  # same expression as block_logits
   st = jnp.where(mask, st, -jnp.inf)
-  pt = jnp.exp(st - lse[:, :, None])
-  dv = jnp.einsum("bksgt,bkgtd->bksd", pt, do, preferred_element_type=_F32)
-  dpt = jnp.einsum("bksd,bkgtd->bksgt", v, do, preferred_element_type=_F32)
-  dst = pt * (dpt - delta[:, :, None]) * scale
-  dk = jnp.einsum("bksgt,bkgtd->bksd", dst, q, preferred_element_type=_F32)
-  dq = jnp.einsum("bksgt,bksd->bkgtd", dst, k, preferred_element_type=_F32)
+  pt = jnp.exp(st - lse[:, :, None])  # P^T
+  dv = jnp.einsum("bksgt,bkgtd->bksd", pt, do_BKGTD, preferred_element_type=_F32)
+  dpt = jnp.einsum("bksd,bkgtd->bksgt", v_BKSD, do_BKGTD, preferred_element_type=_F32)
+  dst = pt * (dpt - delta_BKGT[:, :, None]) * scale  # dS^T (scale folded in)
+  dk = jnp.einsum("bksgt,bkgtd->bksd", dst, q_BKGTD, preferred_element_type=_F32)
+  dq = jnp.einsum("bksgt,bksd->bkgtd", dst, k_BKSD, preferred_element_type=_F32)
   return dq, dk, dv
 
 
@@ -430,7 +417,12 @@ def _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, q_pad, k_pad):
 def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
                         k_segment_ids, pattern, alibi_slopes=None, scale=None, block_q=None,
                         block_k=None):
-  """Blockwise attention, same contract as `reference_attention` (see module docstring)."""
+  """Blockwise attention, same contract as `reference_attention` (see module docstring).
+
+  block_q / block_k: None = automatic (DEFAULT_BLOCK_Q/K, see `choose_block`), else a divisor
+  of the query / key length. `scale` is a Python float (default head_dim ** -0.5). ALiBi slopes
+  are treated as constants: their cotangent is zero (they are never trained).
+  """
   q_len = q_BTHD.shape[1]
   scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(
       q_BTHD, k_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids, alibi_slopes,

@@ -104,6 +104,7 @@ class DemoData:
       data_dir: str | None = None,
       positions: str = "per_document",
       split: str = "train",
+      shuffle_rows: bool | None = None,
   ):
     if split not in SPLITS:
       raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
@@ -130,8 +131,14 @@ class DemoData:
     if len(self.documents) == 0:
       raise ValueError(f"the demo corpus at {self.jsonl_path} has no {split} documents")
     self.sources = [sources[i] for i in self.documents]
+    # Training shuffles packed ROWS per epoch (not only documents): consecutive batches would
+    # otherwise come from the same long document and the gradient noise slows learning.
+    self.shuffle_rows = (split == "train") if shuffle_rows is None else bool(shuffle_rows)
+    if self.shuffle_rows and split != "train":
+      raise ValueError("shuffle_rows=True is only for split='train'")
+    self._epoch_cache: tuple[int, dict[str, np.ndarray]] | None = None
     self._entropy: float | None = None
-    self._state = {"epoch": 0, "doc_index": 0, "offset": 0}
+    self._state = self._initial_state()
     self._batches: Iterator[tuple[dict[str, np.ndarray], dict[str, int]]] | None = None
 
   # -- checks and statistics ------------------------------------------------
@@ -193,7 +200,43 @@ class DemoData:
         return
       e += 1
 
+  def _initial_state(self) -> dict[str, int]:
+    if self.shuffle_rows:
+      return {"epoch": 0, "row": 0}
+    return {"epoch": 0, "doc_index": 0, "offset": 0}
+
+  def epoch_rows(self, epoch: int) -> dict[str, np.ndarray]:
+    """Shuffled-rows mode: every full row packed from ``epoch``'s document order, permuted
+    with (seed, epoch). Rows are [num_rows, seq_len] arrays; the last partial row is dropped."""
+    if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+      tok = self.tokenizer
+      rows = list(packing.pack_documents(
+          (self.doc_ids(d) for d in self.epoch_order(epoch)), seq_len=self.seq_len,
+          bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, positions=self.positions,
+          drop_remainder=True))
+      if len(rows) < self.batch_size:
+        raise ValueError(f"the demo corpus packs into {len(rows)} rows of seq_len="
+                         f"{self.seq_len}, fewer than batch_size={self.batch_size}")
+      perm = np.random.default_rng([self.seed, int(epoch), 1]).permutation(len(rows))
+      stacked = packing.stack_rows(rows)
+      self._epoch_cache = (epoch, {k: v[perm] for k, v in stacked.items()})
+    return self._epoch_cache[1]
+
+  def _row_stream(self, state: Mapping[str, int]):
+    epoch, row = state["epoch"], state["row"]
+    while True:
+      rows = self.epoch_rows(epoch)
+      if row + self.batch_size > len(rows["inputs"]):  # drop the epoch's ragged tail
+        epoch, row = epoch + 1, 0
+        continue
+      batch = {k: v[row:row + self.batch_size] for k, v in rows.items()}
+      row += self.batch_size
+      yield batch, {"epoch": epoch, "row": row}
+
   def _batch_stream(self, state: Mapping[str, int]):
+    if self.shuffle_rows:
+      yield from self._row_stream(state)
+      return
     tok = self.tokenizer
     rows = packing.pack_with_cursor(
         self._doc_stream(state["epoch"], state["doc_index"]), seq_len=self.seq_len,
@@ -222,11 +265,19 @@ class DemoData:
 
   @property
   def state(self) -> dict[str, int]:
-    """Where the next batch starts: ``{"epoch", "doc_index", "offset"}``."""
+    """Where the next batch starts: ``{"epoch", "row"}`` (shuffled rows) or
+    ``{"epoch", "doc_index", "offset"}`` (document stream)."""
     return dict(self._state)
 
   def restore(self, state: Mapping[str, Any]) -> None:
     """Continues from ``state`` (from ``.state``)."""
+    if self.shuffle_rows:
+      if set(state) != {"epoch", "row"} or int(state["epoch"]) < 0 or int(state["row"]) < 0:
+        raise ValueError(f"DemoData (shuffled rows) state must be {{'epoch', 'row'}} >= 0, "
+                         f"got {dict(state)}")
+      self._state = {"epoch": int(state["epoch"]), "row": int(state["row"])}
+      self._batches = None
+      return
     missing = [k for k in _STATE_KEYS if k not in state]
     if missing:
       raise ValueError(f"DemoData state lacks {missing}; expected keys {list(_STATE_KEYS)}")
@@ -244,7 +295,7 @@ class DemoData:
 
   def reset(self) -> None:
     """Back to the first batch (e.g. before another validation pass)."""
-    self.restore({"epoch": 0, "doc_index": 0, "offset": 0})
+    self.restore(self._initial_state())
 
   def __repr__(self) -> str:
     return (f"DemoData(split={self.split!r}, seq_len={self.seq_len}, "

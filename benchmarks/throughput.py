@@ -1,0 +1,160 @@
+"""Training throughput of configs/tiny.py on this machine, against a matmul peak and (optionally)
+Hugging Face's LlamaForCausalLM (PyTorch) trained on the same shapes, all in the same run.
+
+  python benchmarks/throughput.py                      # T=256 and T=1024, reference + blockwise
+  python benchmarks/throughput.py --seq_lens=256 --impls=reference --no_hf
+
+Writes benchmarks/results/throughput.json and prints a table. Medians over timed steps after
+warm-up; the machine is shared and noisy, so compare ratios within one run.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import tiny  # noqa: E402
+from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
+from ctxjax.model.flops import param_count, train_flops_per_token  # noqa: E402
+from ctxjax.train.optim import make_optimizer  # noqa: E402
+from ctxjax.train.step import init_state, make_train_step  # noqa: E402
+
+TOKENS_PER_STEP = 2048  # batch * seq_len kept constant across lengths, as configs/tiny.py
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+  """Median fp32 FLOP/s of an n x n matmul: the machine's practical peak for this run."""
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, a).block_until_ready()
+    times.append(time.perf_counter() - t)
+  return 2 * n ** 3 / float(np.median(times))
+
+
+def random_batch(rng, batch, seq_len, vocab):
+  tokens = np.asarray(jax.random.randint(rng, (batch, seq_len + 1), 0, vocab, jnp.int32))
+  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)),
+          "segment_ids": np.ones((batch, seq_len), np.int32),
+          "loss_mask": np.ones((batch, seq_len), np.float32)}
+
+
+def ctxjax_tokens_per_sec(seq_len: int, impl: str, steps: int, overrides: dict) -> dict:
+  config = tiny.get_config()
+  config.model.attention_impl = impl
+  for k, v in overrides.items():
+    config.model[k] = v
+  cfg = model_config_from_dict(config.model)
+  batch = TOKENS_PER_STEP // seq_len
+  model = Transformer(cfg)
+  tx, _ = make_optimizer(config.optim, steps + 2)
+  state = init_state(model, tx, jax.random.PRNGKey(0), batch, seq_len)
+  step = make_train_step(model, tx, config.data)
+  data = random_batch(jax.random.PRNGKey(1), batch, seq_len, cfg.vocab_size)
+  state, m = step(state, data)  # compile
+  jax.block_until_ready(m)
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    state, m = step(state, data)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t)
+  tps = TOKENS_PER_STEP / float(np.median(times))
+  return {"tokens_per_sec": tps, "flops_per_token": train_flops_per_token(cfg, seq_len),
+          "params": param_count(cfg)["total"]}
+
+
+def hf_tokens_per_sec(seq_len: int, steps: int) -> float | None:
+  """The same model in transformers (sdpa attention, fp32, AdamW), on the same shapes."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  m = tiny.get_config().model
+  hf_cfg = transformers.LlamaConfig(
+      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+      num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
+      max_position_embeddings=max(m.max_position_embeddings, seq_len), rms_norm_eps=m.rms_norm_eps,
+      tie_word_embeddings=False, attn_implementation="sdpa")
+  model = transformers.LlamaForCausalLM(hf_cfg)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+  batch = TOKENS_PER_STEP // seq_len
+  tokens = torch.randint(0, m.vocab_size, (batch, seq_len))
+
+  def one():
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  one()
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    one()
+    times.append(time.perf_counter() - t)
+  return TOKENS_PER_STEP / float(np.median(times))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--seq_lens", default="256,1024")
+  parser.add_argument("--impls", default="reference,blockwise")
+  parser.add_argument("--steps", type=int, default=10)
+  parser.add_argument("--no_hf", action="store_true")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                    "throughput.json"))
+  args = parser.parse_args()
+
+  from ctxjax import attention
+  impls = [i for i in args.impls.split(",") if i in attention.IMPLEMENTATIONS]
+  peak = matmul_peak_flops()
+  rows = []
+  for seq_len in [int(s) for s in args.seq_lens.split(",")]:
+    hf = None if args.no_hf else hf_tokens_per_sec(seq_len, args.steps)
+    for impl in impls:
+      r = ctxjax_tokens_per_sec(seq_len, impl, args.steps, {})
+      flops = r["tokens_per_sec"] * r["flops_per_token"]
+      rows.append({"seq_len": seq_len, "impl": impl, "tokens_per_sec": r["tokens_per_sec"],
+                   "model_flops_per_sec": flops, "fraction_of_matmul_peak": flops / peak,
+                   "hf_torch_tokens_per_sec": hf,
+                   "vs_hf": r["tokens_per_sec"] / hf if hf else None, "params": r["params"]})
+      print(json.dumps(rows[-1]), flush=True)
+
+  result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "matmul_peak_flops": peak,
+            "tokens_per_step": TOKENS_PER_STEP, "rows": rows}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s ({jax.default_backend()}, "
+        f"{os.cpu_count()} cores)")
+  print(f"{'T':>6} {'impl':>10} {'tok/s':>9} {'GFLOP/s':>8} {'of peak':>8} {'HF tok/s':>9} "
+        f"{'vs HF':>6}")
+  for r in rows:
+    hf = f"{r['hf_torch_tokens_per_sec']:9.0f}" if r["hf_torch_tokens_per_sec"] else f"{'-':>9}"
+    ratio = f"{r['vs_hf']:6.2f}" if r["vs_hf"] else f"{'-':>6}"
+    print(f"{r['seq_len']:>6} {r['impl']:>10} {r['tokens_per_sec']:9.0f} "
+          f"{r['model_flops_per_sec'] / 1e9:8.1f} {r['fraction_of_matmul_peak']:8.1%} {hf} {ratio}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Local (CPU) entry point: makes .venv on first use, installs ctxjax and the extras the task
+# needs, then runs it. Usage:
+#   bash launch/local.sh train [--config=configs/tiny.py] [--workdir=runs/tiny] [--config.x=y ...]
+#   bash launch/local.sh test  [pytest args ...]
+# CTXJAX_VENV overrides the virtualenv location.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+task=${1:-train}
+shift || true
+venv=${CTXJAX_VENV:-.venv}
+case "$task" in
+  train) extras="" ;;
+  test) extras="[test,hf]" ;;
+  *) echo "launch/local.sh: unknown task '$task'; valid choices: train, test" >&2; exit 2 ;;
+esac
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+py="$venv/bin/python"
+# Reinstall only when the package metadata or the requested extras change.
+stamp="$venv/.ctxjax-install-$(cat pyproject.toml | sha1sum | cut -c1-12)-${extras//[^a-z,]/}"
+if [ ! -f "$stamp" ]; then
+  "$py" -m pip install -q --upgrade pip
+  "$py" -m pip install -q -e ".$extras"
+  touch "$stamp"
+fi
+case "$task" in
+  train)
+    args=("$@")
+    [[ " ${args[*]-} " == *" --config="* ]] || args=(--config=configs/tiny.py "${args[@]}")
+    [[ " ${args[*]-} " == *" --workdir="* ]] || args=(--workdir=runs/tiny "${args[@]}")
+    exec "$py" -m ctxjax.train "${args[@]}" ;;
+  test)
+    exec "$py" -m pytest -q "$@" ;;
+esac
