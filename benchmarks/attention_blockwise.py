@@ -175,7 +175,8 @@ def bench_tiny_llama(rounds, length=1024, batch=2):
   row = {"config": {"hidden_size": 256, "heads": 4, "head_dim": 64, "layers": 4,
                     "seq_len": length, "batch": batch, "optimizer": "adam"},
          "median_step_s": med, "min_step_s": {i: float(np.min(t)) for i, t in times.items()},
-         "first_loss": losses, "speedup_blockwise_vs_reference": med["reference"] / med["blockwise"]}
+         "first_loss": losses,
+         "speedup_blockwise_vs_reference": med["reference"] / med["blockwise"]}
   print(f"\ntiny Llama train step (T={length}, batch {batch}): reference "
         f"{med['reference'] * 1e3:.1f} ms, blockwise {med['blockwise'] * 1e3:.1f} ms -> "
         f"{row['speedup_blockwise_vs_reference']:.2f}x faster (first-step loss "
