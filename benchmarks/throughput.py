@@ -61,6 +61,7 @@ def ctxjax_tokens_per_sec(seq_len: int, impl: str, steps: int, overrides: dict) 
   cfg = model_config_from_dict(config.model)
   batch = TOKENS_PER_STEP // seq_len
   model = Transformer(cfg)
+  config.optim.warmup_steps = 0
   tx, _ = make_optimizer(config.optim, steps + 2)
   state = init_state(model, tx, jax.random.PRNGKey(0), batch, seq_len)
   step = make_train_step(model, tx, config.data)

@@ -29,7 +29,7 @@ def get_model_config():
       xpos_gamma=0.4,
       attention_impl="reference",
       attention_pattern=dict(kind="causal"),
-      dtype="float32",
+      dtype="auto",                  # bfloat16 on GPU/TPU, float32 on CPU
       param_dtype="float32",
       scan_layers=True,
       remat_policy="none",

@@ -178,3 +178,28 @@ def test_bad_inputs_are_refused(tiny_model_dict):
 def test_every_registered_scheme_is_covered():
   covered = {SCHEME_OVERRIDES[k].get("position_embedding_type", "rope") for k in SCHEME_OVERRIDES}
   assert covered == set(schemes.SCHEMES)
+
+
+@pytest.mark.parametrize("name, pattern", [
+    ("rope", dict(kind="causal")), ("alibi", dict(kind="causal")),
+    ("xpos", dict(kind="sliding_window", window=100))])
+def test_attention_impl_changes_speed_not_the_loss(tiny_model_dict, name, pattern):
+  """Switching model.attention_impl must leave loss and gradients unchanged."""
+  base = {**tiny_model_dict, **SCHEME_OVERRIDES[name], "attention_pattern": pattern}
+  length = 768  # > the blockwise kernel's 256 default block: several blocks, some skipped
+  tokens = _rows(2, length, seed=6)
+  positions = jnp.broadcast_to(jnp.arange(length), (2, length))
+  segments = jnp.concatenate([jnp.ones((2, 300), jnp.int32),
+                              jnp.full((2, length - 300), 2, jnp.int32)], 1)
+  results = []
+  for impl in ("reference", "blockwise"):
+    cfg, model, params = _build({**base, "attention_impl": impl})
+    if results:
+      params = results[0][2]  # same weights for both kernels
+    loss = lambda p: jnp.mean(jax.nn.log_softmax(
+        model.apply({"params": p}, tokens, positions, segments))[..., 3])
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    results.append((value, grads, params))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-6)

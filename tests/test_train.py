@@ -44,3 +44,12 @@ def test_train_command_rejects_a_bad_override(tmp_path):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode != 0
   assert "position_embedding_type" in proc.stderr and "valid choices" in proc.stderr
+
+
+def test_train_refuses_positions_past_an_absolute_table(tmp_path):
+  cmd = [sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_absolute.py:learned",
+         f"--workdir={tmp_path}", "--config.data.seq_len=1024"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode != 0
+  assert "max_position_embeddings=512" in proc.stderr and "data.seq_len" in proc.stderr

@@ -15,7 +15,10 @@ from ctxjax.attention.patterns import Pattern, make_pattern
 from ctxjax.positions import schemes
 from ctxjax.positions.rope import validate_rope_scaling
 
+import jax
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+COMPUTE_DTYPES = (*DTYPES, "auto")  # auto: bfloat16 on accelerators, float32 on CPU
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
@@ -57,8 +60,8 @@ class ModelConfig:
   attention_impl: str = "reference"
   attention_pattern: Pattern = dataclasses.field(default_factory=lambda: make_pattern("causal"))
   # Numerics and memory.
-  dtype: str = "float32"
-  param_dtype: str = "float32"
+  dtype: str = "auto"         # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
+  param_dtype: str = "float32"  # master weights
   scan_layers: bool = True
   remat_policy: str = "none"
 
@@ -68,6 +71,8 @@ class ModelConfig:
 
   @property
   def compute_dtype(self):
+    if self.dtype == "auto":
+      return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     return DTYPES[self.dtype]
 
   @property
@@ -111,9 +116,9 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
     raise ValueError(
         f"model.num_attention_heads ({merged['num_attention_heads']}) must be divisible by "
         f"model.num_key_value_heads ({merged['num_key_value_heads']})")
-  for key in ("dtype", "param_dtype"):
-    if merged[key] not in DTYPES:
-      raise ValueError(f"model.{key}={merged[key]!r}; valid choices: {sorted(DTYPES)}")
+  for key, valid in (("dtype", COMPUTE_DTYPES), ("param_dtype", tuple(DTYPES))):
+    if merged[key] not in valid:
+      raise ValueError(f"model.{key}={merged[key]!r}; valid choices: {sorted(valid)}")
   if merged["remat_policy"] not in REMAT_POLICIES:
     raise ValueError(
         f"model.remat_policy={merged['remat_policy']!r}; valid choices: {list(REMAT_POLICIES)}")

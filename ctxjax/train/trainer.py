@@ -16,11 +16,27 @@ import numpy as np
 from absl import logging
 
 from ctxjax.model import Transformer, model_config_from_dict
+from ctxjax.positions import schemes
 from ctxjax.model.flops import param_count, train_flops_per_token
 from ctxjax.train import data_sources
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import init_state, make_eval_step, make_train_step
+
+
+def _check_position_range(config, model_cfg):
+  """Absolute tables have max_position_embeddings rows: refuse, before compiling, a run whose
+  positions would index past them (inside jit the model cannot check values)."""
+  scheme = schemes.get_scheme(model_cfg.position_embedding_type)
+  if scheme.absolute is None:
+    return
+  if config.data.get("position_ids", "data") == "data":
+    top, key = config.data.seq_len - 1, "data.seq_len"
+  else:
+    top, key = int(config.data.max_position_id) - 1, "data.max_position_id"
+  if top >= model_cfg.max_position_embeddings:
+    raise ValueError(f"{key} gives positions up to {top}, past the {scheme.name} table of "
+                     f"model.max_position_embeddings={model_cfg.max_position_embeddings} rows")
 
 
 def _validate(config):
@@ -45,6 +61,7 @@ def train(config, workdir: str) -> dict:
   summary.json into `workdir`; returns the summary."""
   _validate(config)
   model_cfg = model_config_from_dict(config.model)
+  _check_position_range(config, model_cfg)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
