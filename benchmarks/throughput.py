@@ -63,7 +63,7 @@ def ctxjax_tokens_per_sec(seq_len: int, impl: str, steps: int, overrides: dict) 
   model = Transformer(cfg)
   config.optim.warmup_steps = 0
   tx, _ = make_optimizer(config.optim, steps + 2)
-  state = init_state(model, tx, jax.random.PRNGKey(0), batch, seq_len)
+  state, _ = init_state(model, tx, jax.random.PRNGKey(0), batch, seq_len)
   step = make_train_step(model, tx, config.data)
   data = random_batch(jax.random.PRNGKey(1), batch, seq_len, cfg.vocab_size)
   state, m = step(state, data)  # compile

@@ -52,6 +52,11 @@ def get_config():
       learning_rate=3e-3, warmup_steps=30, schedule="cosine", min_lr_ratio=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0,
   ))
+  # Mesh axes data/fsdp/context/tensor; -1 = all remaining devices (ctxjax/train/sharding.py).
+  config.mesh = ml_collections.ConfigDict(dict(
+      ici_data=-1, ici_fsdp=1, ici_context=1, ici_tensor=1,
+      dcn_data=1, dcn_fsdp=1, dcn_context=1, dcn_tensor=1,
+  ))
   config.train = ml_collections.ConfigDict(dict(
       steps=300, log_every=10, eval_batches=8, seed=0,
   ))

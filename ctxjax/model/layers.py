@@ -49,6 +49,22 @@ class Mlp(nn.Module):
     return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BTM)
 
 
+class Projection(nn.Module):
+  """y = einsum(spec, x, kernel) with an explicitly shaped kernel. (flax's DenseGeneral inits
+  kernels flat and reshapes, which breaks per-parameter sharding constraints under a mesh.)"""
+  cfg: ModelConfig
+  kernel_shape: tuple[int, ...]
+  names: tuple[str, ...]
+  spec: str
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", _init(self.cfg, *self.names), self.kernel_shape,
+                        self.cfg.weight_dtype)
+    dtype = self.cfg.compute_dtype
+    return jnp.einsum(self.spec, x.astype(dtype), kernel.astype(dtype))
+
+
 class Attention(nn.Module):
   """Grouped-query self-attention; positions and segment ids are inputs, the scheme and the
   kernel come from the config's registries."""
@@ -57,9 +73,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     cfg = self.cfg
-    proj = lambda heads, names, name: nn.DenseGeneral(
-        (heads, cfg.head_dim), use_bias=False, dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, *names), name=name)
+    proj = lambda heads, names, name: Projection(
+        cfg, (cfg.hidden_size, heads, cfg.head_dim), names, "bte,ehd->bthd", name=name)
     q_BTHD = proj(cfg.num_attention_heads, ("embed", "heads", "head_dim"), "q_proj")(x_BTE)
     k_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTE)
     v_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTE)
@@ -77,10 +92,8 @@ class Attention(nn.Module):
         pattern=cfg.attention_pattern, alibi_slopes=scheme.alibi_slopes(cfg.num_attention_heads),
         impl=cfg.attention_impl)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
-    return nn.DenseGeneral(
-        cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype, kernel_init=_init(cfg, "heads", "head_dim", "embed"),
-        name="o_proj")(out_BTHD)
+    return Projection(cfg, (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
+                      ("heads", "head_dim", "embed"), "bthd,hde->bte", name="o_proj")(out_BTHD)
 
 
 class Block(nn.Module):

@@ -1,7 +1,6 @@
 """Train state, loss and the jitted train/eval steps."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
@@ -46,25 +45,45 @@ def training_positions(data_cfg, rng, positions_BT):
   raise ValueError(f"data.position_ids={kind!r}; valid choices: {list(POSITION_IDS)}")
 
 
-def init_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int) -> TrainState:
+def _boxed_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int) -> TrainState:
+  """The initial state with parameters (and, through optax, optimizer moments) still boxed in
+  their logical-axis metadata."""
   init_rng, state_rng = jax.random.split(rng)
   tokens = jnp.zeros((batch_size, seq_len), jnp.int32)
   positions = generators.contiguous_positions(batch_size, seq_len)
-  variables = jax.jit(model.init)(init_rng, tokens, positions, jnp.ones_like(tokens))
-  params = nn.meta.unbox(variables["params"])
+  params = model.init(init_rng, tokens, positions, jnp.ones_like(tokens))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=state_rng)
 
 
-def make_train_step(model: nn.Module, tx, data_cfg):
-  """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask."""
+def init_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int, *, mesh=None,
+               rules=None):
+  """(state, state_shardings). Without a mesh: one device, shardings None. With one: every
+  parameter and optimizer moment is created directly in its sharding (never whole on a host)."""
+  init = lambda r: nn.meta.unbox(_boxed_state(model, tx, r, batch_size, seq_len))
+  if mesh is None:
+    return jax.jit(init)(rng), None
+  from ctxjax.train import sharding
+  abstract = jax.eval_shape(lambda r: _boxed_state(model, tx, r, batch_size, seq_len), rng)
+  sharding.check_params_covered(abstract.params, rules)
+  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  # No mesh context here: out_shardings places the state, and flax's DenseGeneral initialises
+  # kernels flat (then reshapes), which a per-parameter constraint would reject.
+  state = jax.jit(init, out_shardings=shardings)(rng)
+  return state, shardings
+
+
+def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
+                    state_shardings=None):
+  """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask.
+  With a mesh, the step is jit with explicit in/out shardings (pjit semantics) and runs under
+  the mesh and logical-axis rules, so the model's activation constraints take effect."""
 
   def loss_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])
     logits = model.apply({"params": params}, batch["inputs"], positions, batch["segment_ids"])
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
@@ -73,7 +92,18 @@ def make_train_step(model: nn.Module, tx, data_cfg):
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return train_step
+  if mesh is None:
+    return jax.jit(train_step, donate_argnums=(0,))
+  from ctxjax.train import sharding
+  batch_shard = sharding.batch_sharding(mesh, rules)
+  jitted = jax.jit(train_step, donate_argnums=(0,),
+                   in_shardings=(state_shardings, batch_shard),
+                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+  def sharded_step(state, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted(state, batch)
+  return sharded_step
 
 
 def make_eval_step(model: nn.Module):

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
@@ -18,7 +19,7 @@ from absl import logging
 from ctxjax.model import Transformer, model_config_from_dict
 from ctxjax.positions import schemes
 from ctxjax.model.flops import param_count, train_flops_per_token
-from ctxjax.train import data_sources
+from ctxjax.train import data_sources, sharding
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import init_state, make_eval_step, make_train_step
@@ -70,8 +71,15 @@ def train(config, workdir: str) -> dict:
   model = Transformer(model_cfg)
   steps, seq_len, batch_size = config.train.steps, config.data.seq_len, config.data.batch_size
   tx, schedule = make_optimizer(config.optim, steps)
-  state = init_state(model, tx, jax.random.PRNGKey(config.train.seed), batch_size, seq_len)
-  train_step = make_train_step(model, tx, config.data)
+  mesh_cfg = config.get("mesh", None) or {}
+  mesh, rules = sharding.create_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
+  sharding.check_batch_divisible(mesh, batch_size, seq_len)
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  state, state_shardings = init_state(model, tx, jax.random.PRNGKey(config.train.seed),
+                                      batch_size, seq_len, mesh=mesh, rules=rules)
+  train_step = make_train_step(model, tx, config.data, mesh=mesh, rules=rules,
+                               state_shardings=state_shardings)
+  to_device = _batch_placer(mesh, rules)
   counts = param_count(model_cfg)
   flops_per_token = train_flops_per_token(model_cfg, seq_len)
   logging.info("model: %s parameters (%s in blocks); %.3g train FLOPs/token",
@@ -84,7 +92,7 @@ def train(config, workdir: str) -> dict:
   window_start, window_tokens = time.perf_counter(), 0
   compile_seconds = None
   for step in range(1, steps + 1):
-    batch = next(batches)
+    batch = to_device(next(batches))
     state, metrics = train_step(state, batch)
     window_tokens += batch_size * seq_len
     bar.update(1)
@@ -108,7 +116,8 @@ def train(config, workdir: str) -> dict:
       window_start, window_tokens = time.perf_counter(), 0
   bar.close()
 
-  eval_loss = evaluate(model, state.params, data, config.train.eval_batches)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    eval_loss = evaluate(model, state.params, data, config.train.eval_batches, to_device)
   steady = [h["tokens_per_sec"] for h in history if h["step"] > 1]
   summary = {
       "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
@@ -124,7 +133,15 @@ def train(config, workdir: str) -> dict:
   return summary
 
 
-def evaluate(model, params, data, num_batches: int) -> float | None:
+def _batch_placer(mesh, rules):
+  """Host numpy batch -> global arrays sharded over (data, fsdp) x context. Each process
+  passes its own rows (multi-host: its slice of the global batch)."""
+  shard = sharding.batch_sharding(mesh, rules)
+  return lambda batch: {k: jax.make_array_from_process_local_data(shard, v)
+                        for k, v in batch.items()}
+
+
+def evaluate(model, params, data, num_batches: int, to_device=lambda b: b) -> float | None:
   """Token-weighted mean NLL over up to `num_batches` held-out batches."""
   if num_batches == 0:
     return None
@@ -133,6 +150,6 @@ def evaluate(model, params, data, num_batches: int) -> float | None:
   for i, batch in enumerate(data.eval_batches()):
     if i >= num_batches:
       break
-    nll, tokens = eval_step(params, batch)
+    nll, tokens = eval_step(params, to_device(batch))
     total, count = total + float(nll), count + float(tokens)
   return total / count if count else None
