@@ -59,5 +59,6 @@ def get_config():
   ))
   config.train = ml_collections.ConfigDict(dict(
       steps=300, log_every=10, eval_batches=8, seed=0,
+      save_every=100, keep_checkpoints=2, async_checkpoints=True,  # 0 = no checkpoints
   ))
   return config

@@ -82,6 +82,100 @@ class SlidingWindow(Pattern):
     return (k_lo <= q_hi) & (k_hi > q_lo - self.window)
 
 
+def _sinks_plus_window_mask(q_pos, k_pos, n_first, window):
+  """Causal; key visible iff within the last `window` positions or among the first n_first."""
+  return (k_pos <= q_pos) & ((k_pos > q_pos - window) | (k_pos < n_first))
+
+
+def _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, n_first, window):
+  # Exact for integer ranges: the window part is SlidingWindow's test; the first-n part needs
+  # a key k < n_first with k <= some query, i.e. k_lo < n_first and k_lo <= q_hi.
+  return (k_lo <= q_hi) & ((k_hi > q_lo - window) | (k_lo < n_first))
+
+
+@register_pattern("lambda")
+@dataclasses.dataclass(frozen=True)
+class LambdaMask(Pattern):
+  """LM-Infinite's Lambda-shaped mask (Han et al. 2024; TECHNIQUES.md section 11).
+
+  Key n is visible to query m iff m - n_local < n <= m (local branch) or n < n_global and
+  n <= m - n_local (global branch), on position ids (with packing: each document's first
+  n_global positions). This pattern is the mask only, with the model's normal positional
+  encoding on every pair; LM-Infinite's distance ceiling (global branch seen at distance
+  n_local) is `ctxjax.attention.lm_infinite.lm_infinite_attention`. Defaults follow
+  `convert_llama_model(model, 4096, 10)`. Cost: O(T * (n_local + n_global)) with blocks.
+  """
+  n_global: int = 10
+  n_local: int = 4096
+
+  def __post_init__(self):
+    if self.n_local <= 0:
+      raise ValueError(f"attention_pattern.n_local must be > 0, got {self.n_local}")
+    if self.n_global < 0:
+      raise ValueError(f"attention_pattern.n_global must be >= 0, got {self.n_global}")
+
+  def mask(self, q_pos, k_pos):
+    return _sinks_plus_window_mask(q_pos, k_pos, self.n_global, self.n_local)
+
+  def block_visible(self, q_lo, q_hi, k_lo, k_hi):
+    return _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, self.n_global, self.n_local)
+
+
+@register_pattern("attention_sinks")
+@dataclasses.dataclass(frozen=True)
+class AttentionSinks(Pattern):
+  """StreamingLLM (Xiao et al. 2024): the first `sink_size` positions + the last `window`.
+
+  Key k is visible to query q iff k <= q and (k < sink_size or k > q - window); the window
+  includes the query itself, so `window` = StartRecentKVCache's recent_size when the cache is
+  evicted before the new token is added (`evict_for_space`, the streaming demo); the
+  `eval_long_ppl.py` loop evicts after the forward, so its query also sees one more key
+  (window = recent_size + 1). The same mask as `lambda` with n_global = sink_size and
+  n_local = window; StreamingLLM differs in positions, not in the mask: its cache re-assigns
+  positions inside the cache (pos_shift), which is the decoding cache's job, not the mask's.
+  """
+  sink_size: int = 4
+  window: int = 512
+
+  def __post_init__(self):
+    if self.window <= 0:
+      raise ValueError(f"attention_pattern.window must be > 0, got {self.window}")
+    if self.sink_size < 0:
+      raise ValueError(f"attention_pattern.sink_size must be >= 0, got {self.sink_size}")
+
+  def mask(self, q_pos, k_pos):
+    return _sinks_plus_window_mask(q_pos, k_pos, self.sink_size, self.window)
+
+  def block_visible(self, q_lo, q_hi, k_lo, k_hi):
+    return _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, self.sink_size, self.window)
+
+
+@register_pattern("block_causal")
+@dataclasses.dataclass(frozen=True)
+class BlockCausal(Pattern):
+  """xPos's blockwise causal attention at inference (Sun et al. 2023; TECHNIQUES.md section 7).
+
+  Positions are cut into blocks of `block_size` (block = position // block_size; set it to the
+  training length); a query attends causally within its own block and to the whole previous
+  block: k <= q and k // block_size >= q // block_size - 1. Each query sees between
+  block_size and 2 * block_size - 1 keys (fewer at the start).
+  """
+  block_size: int = 1024
+
+  def __post_init__(self):
+    if self.block_size <= 0:
+      raise ValueError(f"attention_pattern.block_size must be > 0, got {self.block_size}")
+
+  def mask(self, q_pos, k_pos):
+    return (k_pos <= q_pos) & (k_pos // self.block_size >= q_pos // self.block_size - 1)
+
+  def block_visible(self, q_lo, q_hi, k_lo, k_hi):
+    # Exact for integer ranges: a visible pair exists iff k_lo <= q_hi and the largest usable
+    # key, min(k_hi, q_hi), is in or after the block before q_lo's (taking q = max(q_lo, k)).
+    k_best = jnp.minimum(k_hi, q_hi)
+    return (k_lo <= q_hi) & (k_best // self.block_size >= q_lo // self.block_size - 1)
+
+
 def make_pattern(kind: str = "causal", **kwargs) -> Pattern:
   """Build a pattern from config data: make_pattern("sliding_window", window=128)."""
   if kind not in PATTERNS:

@@ -1,8 +1,10 @@
 """Data sources the trainer can read, by `config.data.name` (a registry).
 
 Each builder returns an object with `train_batches()` (endless iterator of numpy batches:
-inputs, targets, positions, segment_ids, loss_mask, each [batch, seq_len]), `eval_batches()`
-and `unigram_entropy()` (nats/token; the loss a model that ignores context would reach).
+inputs, targets, positions, segment_ids, loss_mask, each [batch, seq_len]), `eval_batches()`,
+`unigram_entropy()` (nats/token; the loss a model that ignores context would reach), and
+`train_state()` / `restore_train(state)` (a JSON-able position, checkpointed with the model so
+a resumed run sees exactly the batches it would have seen).
 """
 from __future__ import annotations
 
@@ -46,6 +48,12 @@ class _DemoSource:
 
   def unigram_entropy(self) -> float:
     return float(self._train.unigram_entropy())
+
+  def train_state(self) -> dict:
+    return self._train.state
+
+  def restore_train(self, state: dict) -> None:
+    self._train.restore(state)
 
 
 register_source("demo")(_DemoSource)

@@ -20,6 +20,7 @@ from ctxjax.model import Transformer, model_config_from_dict
 from ctxjax.positions import schemes
 from ctxjax.model.flops import param_count, train_flops_per_token
 from ctxjax.train import data_sources, sharding
+from ctxjax.train.checkpoint import Checkpointer, abstract_like
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import init_state, make_eval_step, make_train_step
@@ -85,18 +86,32 @@ def train(config, workdir: str) -> dict:
   logging.info("model: %s parameters (%s in blocks); %.3g train FLOPs/token",
                f"{counts['total']:,}", f"{counts['blocks']:,}", flops_per_token)
 
+  ckpt, start = None, 1
+  meta = {"model_config": model_cfg.to_dict(), "seq_len": seq_len}
+  if config.train.get("save_every", 0):
+    ckpt = Checkpointer(workdir, save_every=config.train.save_every,
+                        keep=config.train.get("keep_checkpoints", 3),
+                        async_save=config.train.get("async_checkpoints", True))
+    if ckpt.latest_step() is not None:
+      state, data_state, _ = ckpt.restore(abstract_like(state, state_shardings),
+                                          model_config=meta["model_config"])
+      data.restore_train(data_state)
+      start = int(state.step) + 1
+      logging.info("resumed from %s at step %d", ckpt.directory, start - 1)
+
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
   batches = data.train_batches()
   bar = _progress(steps)
+  bar.update(start - 1)
   history = []
   window_start, window_tokens = time.perf_counter(), 0
   compile_seconds = None
-  for step in range(1, steps + 1):
+  for step in range(start, steps + 1):
     batch = to_device(next(batches))
     state, metrics = train_step(state, batch)
     window_tokens += batch_size * seq_len
     bar.update(1)
-    if step == 1 or step % config.train.log_every == 0 or step == steps:
+    if step == start or step % config.train.log_every == 0 or step == steps:
       loss = float(metrics["loss"])  # blocks: the window's time covers finished steps only
       if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step}")
@@ -105,7 +120,7 @@ def train(config, workdir: str) -> dict:
                 "tokens_per_sec": window_tokens / elapsed,
                 "grad_norm": float(metrics["grad_norm"])}
       record["model_flops_per_sec"] = record["tokens_per_sec"] * flops_per_token
-      if step == 1:
+      if step == start:
         compile_seconds = elapsed
         record["compile_and_first_step_sec"] = elapsed
       writer.write(step, record)
@@ -114,14 +129,24 @@ def train(config, workdir: str) -> dict:
       logging.info("step %d loss %.4f lr %.2e %.0f tok/s", step, loss, record["lr"],
                    record["tokens_per_sec"])
       window_start, window_tokens = time.perf_counter(), 0
+    if ckpt is not None:
+      stop = ckpt.preempted
+      ckpt.save(step, state, data_state=data.train_state(), meta=meta,
+                force=stop or step == steps)
+      if stop:
+        ckpt.close()
+        logging.warning("stopped by a signal after step %d; the checkpoint is saved", step)
+        raise SystemExit(1)
   bar.close()
 
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     eval_loss = evaluate(model, state.params, data, config.train.eval_batches, to_device)
-  steady = [h["tokens_per_sec"] for h in history if h["step"] > 1]
+  if ckpt is not None:
+    ckpt.close()
+  steady = [h["tokens_per_sec"] for h in history if h["step"] > start]
   summary = {
       "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
-      "params": counts["total"], "final_train_loss": history[-1]["loss"],
+      "params": counts["total"], "final_train_loss": history[-1]["loss"] if history else None,
       "eval_loss": eval_loss, "unigram_entropy": data.unigram_entropy(),
       "median_tokens_per_sec": float(np.median(steady)) if steady else None,
       "compile_and_first_step_sec": compile_seconds,

@@ -1,0 +1,108 @@
+"""Orbax checkpoints of the whole training state: parameters, optimizer state, step, RNG, the
+data iterator's position, and the model config as metadata.
+
+Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it when
+complete, so a half-written checkpoint is never picked up), every `save_every` steps and on
+SIGTERM/SIGINT (preemption). `--workdir` resumes automatically from the newest checkpoint.
+Restoring into a model whose config differs stops with the differing keys.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+# Keys whose change makes a checkpoint's parameters mean something else (or not fit).
+ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "tie_word_embeddings", "position_embedding_type", "scan_layers",
+                     "max_position_embeddings_if_learned")
+
+
+def architecture(model_config: dict) -> dict:
+  out = {k: model_config.get(k) for k in ARCHITECTURE_KEYS if k in model_config}
+  if model_config.get("position_embedding_type") == "learned":
+    out["max_position_embeddings_if_learned"] = model_config.get("max_position_embeddings")
+  return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Architecture keys whose values differ, as 'key: saved -> current'."""
+  a, b = architecture(saved), architecture(current)
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
+          if a.get(k) != b.get(k)]
+
+
+class Checkpointer:
+  """Thin policy layer over ocp.CheckpointManager for the trainer."""
+
+  def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.save_every = int(save_every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._preempted = False
+    self._previous_handlers = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous_handlers[sig] = signal.signal(sig, self._on_signal)
+      except ValueError:  # not the main thread (e.g. inside some test runners)
+        pass
+
+  def _on_signal(self, signum, frame):
+    del frame
+    logging.warning("signal %d: saving a checkpoint at the end of this step, then stopping",
+                    signum)
+    self._preempted = True
+
+  @property
+  def preempted(self) -> bool:
+    return self._preempted
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state, *, data_state: dict, meta: dict, force: bool = False):
+    if not force and (step % self.save_every):
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              meta=ocp.args.JsonSave(meta))
+    return self._manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state, *, model_config: dict, step: int | None = None
+              ) -> tuple[Any, dict, dict]:
+    """(state, data_state, meta) of `step` (default: newest). Checks the model config first."""
+    step = self._manager.latest_step() if step is None else step
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    meta = dict(meta["meta"])
+    diffs = config_differences(meta.get("model_config", {}), model_config)
+    if diffs:
+      raise ValueError(f"the checkpoint in {self.directory} (step {step}) belongs to a "
+                       f"different model; differing model config keys: {'; '.join(diffs)}. "
+                       f"Use another --workdir, or config.train.init_from for a params-only load.")
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored["state"], dict(restored["data"]), meta
+
+  def wait(self):
+    self._manager.wait_until_finished()
+
+  def close(self):
+    self._manager.wait_until_finished()
+    self._manager.close()
+    for sig, handler in self._previous_handlers.items():
+      signal.signal(sig, handler)
+
+
+def abstract_like(state, shardings=None):
+  """ShapeDtypeStructs (with shardings) that tell orbax where to put restored arrays."""
+  if shardings is None:
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
