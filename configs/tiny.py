@@ -29,6 +29,8 @@ def get_model_config():
       xpos_gamma=0.4,
       attention_impl="reference",
       attention_pattern=dict(kind="causal"),
+      attention_mode="standard",     # standard | s2 | dilated | lm_infinite
+      attention_options={},          # the mode's options (configs/tiny_attention.py)
       dtype="auto",                  # bfloat16 on GPU/TPU, float32 on CPU
       param_dtype="float32",
       scan_layers=True,

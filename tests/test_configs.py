@@ -14,7 +14,9 @@ from ctxjax.train.step import POSITION_IDS
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = {"tiny_rope_scaling.py": ["linear", "ntk", "dynamic", "yarn", "llama3", "longrope", "abf"],
         "tiny_absolute.py": ["sinusoidal", "learned", "none"],
-        "tiny_position_ids.py": ["pose", "randomized"]}
+        "tiny_position_ids.py": ["pose", "randomized"],
+        "tiny_attention.py": ["window", "lambda", "lm_infinite", "block_causal", "sinks", "s2",
+                              "dilated"]}
 
 
 def _cases():

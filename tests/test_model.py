@@ -203,3 +203,51 @@ def test_attention_impl_changes_speed_not_the_loss(tiny_model_dict, name, patter
   np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+MODE_OVERRIDES = {
+    "s2": dict(attention_mode="s2", attention_options=dict(group_size=8)),
+    "dilated": dict(attention_mode="dilated", attention_impl="blockwise",
+                    attention_options=dict(segment_lengths=[8, 16], dilation_rates=[1, 2])),
+    "lm_infinite": dict(attention_mode="lm_infinite",
+                        attention_options=dict(n_global=2, n_local=6)),
+    "lambda_pattern": dict(attention_pattern=dict(kind="lambda", n_global=2, n_local=6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODE_OVERRIDES))
+def test_attention_modes_train_and_s2_is_training_only(tiny_model_dict, name):
+  cfg, model, params = _build(tiny_model_dict, **MODE_OVERRIDES[name])
+  tokens = _rows(2, 32, seed=7)
+  positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+  run = jax.jit(lambda p, train: model.apply({"params": p}, tokens, positions,
+                                             jnp.ones_like(tokens), train=train),
+                static_argnums=1)
+  grads = jax.jit(jax.grad(lambda p: jnp.mean(run(p, True) ** 2)))(params)
+  assert all(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+  standard = Transformer(model_config_from_dict(tiny_model_dict))
+  causal = jax.jit(lambda p: standard.apply({"params": p}, tokens, positions))(params)
+  if name == "s2":  # S2-Attn while training, full causal attention at inference (LongLoRA)
+    assert float(jnp.max(jnp.abs(run(params, True) - causal))) > 1e-4
+    np.testing.assert_allclose(run(params, False), causal, atol=1e-5)
+  else:  # sparse patterns: the first tokens (which see every earlier key) match causal;
+    # LongNet's dilated branches differ from position 1 on (odd keys go to other head groups)
+    prefix = 1 if name == "dilated" else 6
+    np.testing.assert_allclose(run(params, False)[:, :prefix], causal[:, :prefix], atol=1e-5)
+    assert float(jnp.max(jnp.abs(run(params, False)[:, 20:] - causal[:, 20:]))) > 1e-4
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (dict(attention_mode="ring_of_fire"), "attention_mode"),
+    (dict(attention_mode="s2"), "group_size"),
+    (dict(attention_mode="s2", attention_options=dict(group_size=0)), "group_size"),
+    (dict(attention_mode="dilated", attention_options=dict(segment_lengths=[8],
+                                                           dilation_rates=[1, 2])), "same length"),
+    (dict(attention_mode="lm_infinite", position_embedding_type="alibi",
+          attention_options=dict(n_global=2, n_local=4)), "rotary"),
+    (dict(attention_mode="dilated", attention_impl="xla",
+          attention_options=dict(segment_lengths=[8], dilation_rates=[1])), "attention_impl"),
+])
+def test_bad_attention_modes_name_the_key(tiny_model_dict, overrides, key):
+  with pytest.raises(ValueError, match=key):
+    model_config_from_dict({**tiny_model_dict, **overrides})

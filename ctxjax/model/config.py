@@ -59,6 +59,10 @@ class ModelConfig:
   # Attention: implementation (ctxjax.attention.IMPLEMENTATIONS) and pattern.
   attention_impl: str = "reference"
   attention_pattern: Pattern = dataclasses.field(default_factory=lambda: make_pattern("causal"))
+  # How q/k/v become output: ctxjax.model.attention_modes.MODES (standard, s2, dilated,
+  # lm_infinite), with that mode's options.
+  attention_mode: str = "standard"
+  attention_options_items: Any = ()
   # Numerics and memory.
   dtype: str = "auto"         # compute dtype; "auto" = bfloat16 on GPU/TPU, float32 on CPU
   param_dtype: str = "float32"  # master weights
@@ -68,6 +72,10 @@ class ModelConfig:
   @property
   def rope_scaling(self) -> dict | None:
     return _thaw_rope(self.rope_scaling_items)
+
+  @property
+  def attention_options(self) -> dict:
+    return {k: v for k, v in self.attention_options_items}
 
   @property
   def compute_dtype(self):
@@ -87,6 +95,9 @@ class ModelConfig:
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     out.pop("rope_scaling_items")
     out["rope_scaling"] = self.rope_scaling
+    out.pop("attention_options_items")
+    out["attention_options"] = {k: list(v) if isinstance(v, tuple) else v
+                                for k, v in self.attention_options.items()}
     out["attention_pattern"] = self.attention_pattern.to_dict()
     return out
 
@@ -101,8 +112,9 @@ def _positive_int(cfg, key):
 def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
   """Validate a `config.model` mapping (ConfigDict or dict) and return a ModelConfig."""
   cfg = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
-  known = {f.name for f in dataclasses.fields(ModelConfig)} - {"rope_scaling_items"}
-  known |= {"rope_scaling"}
+  known = {f.name for f in dataclasses.fields(ModelConfig)} - {"rope_scaling_items",
+                                                                "attention_options_items"}
+  known |= {"rope_scaling", "attention_options"}
   unknown = sorted(set(cfg) - known)
   if unknown:
     raise ValueError(f"unknown model config keys {unknown}; valid keys: {sorted(known)}")
@@ -148,6 +160,10 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
   if not isinstance(pattern, Pattern):
     pattern = make_pattern(**dict(pattern))
   merged["attention_pattern"] = pattern
+  from ctxjax.model.attention_modes import validate_mode
+  options = validate_mode(merged["attention_mode"], merged.pop("attention_options") or {},
+                          impl=merged["attention_impl"], scheme=scheme)
+  merged["attention_options_items"] = tuple(sorted(options.items()))
   merged["rope_scaling_items"] = _freeze(rope_scaling)
   for key in ("rope_theta", "rms_norm_eps", "initializer_range", "xpos_scale_base", "xpos_gamma"):
     merged[key] = float(merged[key])

@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctxjax import attention
+from ctxjax.model import attention_modes
 from ctxjax.model.config import ModelConfig
 from ctxjax.positions import schemes
 
@@ -66,9 +66,10 @@ class Projection(nn.Module):
 
 
 class Attention(nn.Module):
-  """Grouped-query self-attention; positions and segment ids are inputs, the scheme and the
+  """Grouped-query self-attention; positions and segment ids are inputs, the scheme, mode and
   kernel come from the config's registries."""
   cfg: ModelConfig
+  training: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
@@ -79,18 +80,13 @@ class Attention(nn.Module):
     k_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTE)
     v_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTE)
 
-    scheme = schemes.get_scheme(cfg.position_embedding_type)
-    if scheme.rotate_qk is not None:
-      q_BTHD, k_BTKD = scheme.rotate_qk(cfg, q_BTHD, k_BTKD, positions_BT, positions_BT)
     q_BTHD = nn.with_logical_constraint(q_BTHD, ("batch", "length", "heads", "head_dim"))
     k_BTKD = nn.with_logical_constraint(k_BTKD, ("batch", "length", "kv_heads", "head_dim"))
     v_BTKD = nn.with_logical_constraint(v_BTKD, ("batch", "length", "kv_heads", "head_dim"))
-
-    out_BTHD = attention.attend(
-        q_BTHD, k_BTKD, v_BTKD, q_positions=positions_BT, k_positions=positions_BT,
-        q_segment_ids=segment_ids_BT, k_segment_ids=segment_ids_BT,
-        pattern=cfg.attention_pattern, alibi_slopes=scheme.alibi_slopes(cfg.num_attention_heads),
-        impl=cfg.attention_impl)
+    # The mode rotates q/k with the positional scheme and runs the kernel (attention_modes.py).
+    mode = attention_modes.MODES[cfg.attention_mode]
+    out_BTHD = mode.run(cfg, schemes.get_scheme(cfg.position_embedding_type), q_BTHD, k_BTKD,
+                        v_BTKD, positions_BT, segment_ids_BT, self.training)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
     return Projection(cfg, (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
                       ("heads", "head_dim", "embed"), "bthd,hde->bte", name="o_proj")(out_BTHD)
@@ -99,12 +95,13 @@ class Attention(nn.Module):
 class Block(nn.Module):
   """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
   cfg: ModelConfig
+  training: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
     h = RMSNorm(self.cfg, name="input_layernorm")(x_BTE)
-    x_BTE = x_BTE + Attention(self.cfg, name="self_attn")(h, positions_BT, segment_ids_BT)
+    x_BTE = x_BTE + Attention(self.cfg, self.training, name="self_attn")(h, positions_BT, segment_ids_BT)
     h = RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTE)
     x_BTE = x_BTE + Mlp(self.cfg, name="mlp")(h)
     return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))

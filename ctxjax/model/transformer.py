@@ -28,10 +28,11 @@ _REMAT_POLICIES = {
 class _ScanBlock(nn.Module):
   """Adapter giving Block the (carry, x) -> (carry, y) signature nn.scan wants."""
   cfg: ModelConfig
+  training: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
-    return Block(self.cfg, name="layer")(x_BTE, positions_BT, segment_ids_BT), None
+    return Block(self.cfg, self.training, name="layer")(x_BTE, positions_BT, segment_ids_BT), None
 
 
 def _concrete(x):
@@ -69,7 +70,8 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None):
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False):
+    """train=True selects training-only behaviour (LongLoRA's S2-Attn)."""
     cfg = self.cfg
     batch, length = tokens_BT.shape
     if positions_BT is None:
@@ -102,10 +104,10 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTE, _ = stack(cfg, name="layers")(x_BTE, positions_BT, segment_ids_BT)
+      x_BTE, _ = stack(cfg, train, name="layers")(x_BTE, positions_BT, segment_ids_BT)
     else:
       for i in range(cfg.num_hidden_layers):
-        x_BTE = block(cfg, name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
+        x_BTE = block(cfg, train, name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
 
     x_BTE = RMSNorm(cfg, name="norm")(x_BTE)
     if cfg.tie_word_embeddings:

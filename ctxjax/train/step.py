@@ -81,7 +81,8 @@ def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
 
   def loss_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])
-    logits = model.apply({"params": params}, batch["inputs"], positions, batch["segment_ids"])
+    logits = model.apply({"params": params}, batch["inputs"], positions, batch["segment_ids"],
+                         train=True)
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
   def train_step(state: TrainState, batch):
