@@ -3,9 +3,14 @@
 Parity target: HF transformers 5.23 (`modeling_rope_utils.ROPE_INIT_FUNCTIONS` and the
 Llama rotary class for "default"), see TECHNIQUES.md sections 1-3 and 20.
 
-Static frequency tables are computed on the host in float64 and cast to float32 once
-(HF computes them in float32; the difference is a few ulp). Only "dynamic" and "longrope"
-depend on the sequence length, which may be a traced scalar, so they use jnp ops on it.
+Frequency tables follow HF's float32 arithmetic step by step (pow, then `1.0 / x`, each
+rounded to float32; products and sums in HF's order), so they equal HF's tables bit for bit
+where torch's pow is correctly rounded (its scalar libm path, head_dim < 64 on AVX-512
+CPUs); torch's vectorised pow (larger heads) can differ by 1 ulp on a few entries. A 1-ulp
+inv_freq difference moves angles by ~p * 2^-24 rad, which grows with the position p, so
+long-context logit parity with HF needs HF's rounding, not a more exact table. Static tables
+are computed on the host with numpy; only "dynamic" and "longrope" depend on the sequence
+length, which may be a traced scalar, so they use jnp ops on it.
 
 Layout is rotate-half (HF / GPT-NeoX): dimension i is paired with i + head_dim/2.
 """
@@ -66,9 +71,25 @@ def register_rope_type(
 # --- helpers
 
 
+def _exponents(head_dim: int) -> np.ndarray:
+  """float32 [d/2]: 2i/d as HF computes it (float32 arange / d)."""
+  return np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+
+
+def _pow_f32(base: float, expo: np.ndarray) -> np.ndarray:
+  """float32 base**expo as torch's float32 pow (libm powf): the float32 operands' exact
+  float64 power, rounded once."""
+  return (np.float64(np.float32(base)) ** expo.astype(np.float64)).astype(np.float32)
+
+
+def _recip(x: np.ndarray) -> np.ndarray:
+  """float32 1/x (torch's `1.0 / t` is reciprocal(t) * 1.0)."""
+  return np.float32(1.0) / x
+
+
 def _base_inv_freq(head_dim: int, theta: float) -> np.ndarray:
-  """float64 [d/2]: theta^(-2i/d)."""
-  return theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  """float32 [d/2]: 1 / theta^(2i/d) in HF's float32 arithmetic."""
+  return _recip(_pow_f32(theta, _exponents(head_dim)))
 
 
 def _out(inv_freq_half: np.ndarray | jax.Array, attention_factor: float | jax.Array = 1.0):
@@ -163,7 +184,7 @@ def _default(p, *, head_dim, rope_theta, max_position_embeddings, seq_len):
 @register_rope_type("linear", required=("factor",), check=_check_factor)
 def _linear(p, *, head_dim, rope_theta, max_position_embeddings, seq_len):
   """Position interpolation, Chen et al. 2023: m -> m/f, i.e. inv_freq / f."""
-  return _out(_base_inv_freq(head_dim, rope_theta) / p["factor"])
+  return _out(_base_inv_freq(head_dim, rope_theta) / np.float32(p["factor"]))
 
 
 @register_rope_type("ntk", required=("factor",), check=_check_ntk)
@@ -179,14 +200,22 @@ def _dynamic(p, *, head_dim, rope_theta, max_position_embeddings, seq_len):
   inv0 = _base_inv_freq(head_dim, rope_theta)
   if seq_len is None:  # HF init: S = max_position_embeddings, i.e. the unscaled base
     return _out(inv0)
-  f, lmax = float(p["factor"]), float(max_position_embeddings)
-  s_len = jnp.maximum(jnp.asarray(seq_len, jnp.float32), lmax)
-  ratio = f * s_len / lmax - (f - 1.0)  # base' = b * ratio^(d/(d-2))
-  # base'^(-2i/d) = b^(-2i/d) * ratio^(-2i/(d-2)): the exact float64 table times a
-  # small-exponent float32 power, more accurate than pow(base', .) with a large base'.
-  expo = jnp.asarray(-np.arange(0, head_dim, 2, dtype=np.float64) / (head_dim - 2),
-                     jnp.float32)
-  return _out(jnp.asarray(inv0, jnp.float32) * ratio**expo)
+  # HF's forward recomputes only when seq_len grows past max_position_embeddings, then
+  # base' = b * (f * S / Lmax - (f - 1))^(d/(d-2)) and inv = 1 / base'^(2i/d), all in float32.
+  f32 = jnp.float32
+  seq_len = jnp.asarray(seq_len)
+  s_len = jnp.maximum(seq_len, max_position_embeddings).astype(f32)
+  ratio = f32(p["factor"]) * s_len / f32(max_position_embeddings) - f32(p["factor"] - 1.0)
+  # torch raises the float32 ratio to the float64 exponent d/(d-2); split it as
+  # c_hi + c_lo (float32) and use ratio^c_lo ~= 1 + c_lo*ln(ratio): base' is then within
+  # 1 ulp of HF's (equal in most cases), where a float32 exponent alone is usually 1 ulp off.
+  c = head_dim / (head_dim - 2)
+  c_hi = np.float32(c)
+  c_lo = np.float32(c - np.float64(c_hi))
+  pow_hi = ratio ** c_hi
+  base = f32(rope_theta) * (pow_hi + pow_hi * (c_lo * jnp.log(ratio)))
+  inv = f32(1.0) / base ** jnp.asarray(_exponents(head_dim))
+  return _out(jnp.where(seq_len > max_position_embeddings, inv, jnp.asarray(inv0)))
 
 
 @register_rope_type(
@@ -220,10 +249,14 @@ def _yarn(p, *, head_dim, rope_theta, max_position_embeddings, seq_len):
   low, high = max(low, 0), min(high, d - 1)  # HF clamps high to d-1, not d/2-1
   if low == high:
     high += 0.001  # HF's guard against a zero-width ramp
-  ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
-  inv = _base_inv_freq(d, rope_theta)
+  ramp = np.clip((np.arange(d // 2, dtype=np.float32) - np.float32(low))
+                 / np.float32(high - low), np.float32(0), np.float32(1))
+  pos_freqs = _pow_f32(rope_theta, _exponents(d))
+  extrapolation = _recip(pos_freqs)
+  interpolation = _recip(np.float32(f) * pos_freqs)
   # ramp 0 (high frequencies): keep (extrapolate); ramp 1 (low frequencies): inv/f (interpolate).
-  return _out(inv * (1.0 - ramp) + (inv / f) * ramp, af)
+  keep = np.float32(1) - ramp  # HF's extrapolation factor (1 - (1 - ramp) need not be ramp)
+  return _out(interpolation * (np.float32(1) - keep) + extrapolation * keep, af)
 
 
 @register_rope_type(
@@ -237,10 +270,13 @@ def _llama3(p, *, head_dim, rope_theta, max_position_embeddings, seq_len):
   f, L = float(p["factor"]), p["original_max_position_embeddings"]
   lff, hff = float(p["low_freq_factor"]), float(p["high_freq_factor"])
   inv = _base_inv_freq(head_dim, rope_theta)
-  wavelen = 2 * math.pi / inv
-  smooth = (L / wavelen - lff) / (hff - lff)  # 1 at wavelen = L/hff, 0 at wavelen = L/lff
-  smoothed = (1 - smooth) * inv / f + smooth * inv
-  out = np.where(wavelen > L / lff, inv / f, np.where(wavelen < L / hff, inv, smoothed))
+  f32 = np.float32
+  wavelen = _recip(inv) * f32(2 * math.pi)  # torch: c / t is reciprocal(t) * c
+  # 1 at wavelen = L/hff, 0 at wavelen = L/lff
+  smooth = (_recip(wavelen) * f32(L) - f32(lff)) / f32(hff - lff)
+  smoothed = (f32(1) - smooth) * inv / f32(f) + smooth * inv
+  long_wave, short_wave = wavelen > f32(L / lff), wavelen < f32(L / hff)
+  out = np.where(long_wave, inv / f32(f), np.where(short_wave, inv, smoothed))
   return _out(out)
 
 
@@ -259,11 +295,11 @@ def _longrope(p, *, head_dim, rope_theta, max_position_embeddings, seq_len):
   af = p.get("attention_factor")
   if af is None:
     af = math.sqrt(1 + math.log(f) / math.log(L)) if f > 1.0 else 1.0
-  inv = _base_inv_freq(head_dim, rope_theta)
-  short = inv / np.asarray(p["short_factor"], np.float64)
+  pow_theta = _pow_f32(rope_theta, _exponents(head_dim))
+  short = _recip(np.asarray(p["short_factor"], np.float32) * pow_theta)
   if seq_len is None:  # HF init uses the short factors
     return _out(short, af)
-  long = inv / np.asarray(p["long_factor"], np.float64)
+  long = _recip(np.asarray(p["long_factor"], np.float32) * pow_theta)
   # One switch for all positions (HF dynamic_rope_update); seq_len may be traced.
   use_long = jnp.asarray(seq_len) > L
   inv_F = jnp.where(use_long, jnp.asarray(long, jnp.float32), jnp.asarray(short, jnp.float32))

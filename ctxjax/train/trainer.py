@@ -1,7 +1,7 @@
 """The training loop: config -> model, data, optimizer -> steps, metrics, summary.
 
-One process, one device for now; sharding, multi-host, checkpoints and GrowLength stages build
-on `make_train_step` in their own modules.
+Sharding comes from config.mesh (sharding.py), progressive stages from config.stages
+(stages.py), checkpoints and resume from config.train.save_every (checkpoint.py).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -20,6 +21,7 @@ from ctxjax.model import Transformer, model_config_from_dict
 from ctxjax.positions import schemes
 from ctxjax.model.flops import param_count, train_flops_per_token
 from ctxjax.train import data_sources, sharding
+from ctxjax.train import stages as stages_lib
 from ctxjax.train.checkpoint import Checkpointer, abstract_like
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
@@ -58,104 +60,154 @@ def _progress(total: int):
   return tqdm(total=total, disable=not sys.stderr.isatty(), dynamic_ncols=True, unit="step")
 
 
+class _Run:
+  """What one stage needs: its model, data, compiled step and batch placer."""
+
+  def __init__(self, config, stage, model_cfg, tx, mesh, rules, state_shardings):
+    self.stage = stage
+    self.model_cfg = model_cfg
+    self.model = Transformer(model_cfg)
+    sharding.check_batch_divisible(mesh, stage.batch_size, stage.seq_len)
+    data_cfg = config.data.copy_and_resolve_references()
+    data_cfg.unlock()
+    data_cfg.seq_len, data_cfg.batch_size = stage.seq_len, stage.batch_size
+    self.data = data_sources.build(data_cfg, model_cfg, seed=config.train.seed)
+    self.step = make_train_step(self.model, tx, data_cfg, mesh=mesh, rules=rules,
+                                state_shardings=state_shardings)
+    self.flops_per_token = train_flops_per_token(model_cfg, stage.seq_len)
+
+
+def _stage_model_config(config, stage):
+  model = config.model.copy_and_resolve_references()
+  model.unlock()
+  for key, value in stage.model_overrides.items():
+    model[key] = value
+  model_cfg = model_config_from_dict(model)
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.unlock()
+  data_cfg.seq_len = stage.seq_len
+  _check_position_range(ml_collections.ConfigDict({"data": data_cfg}), model_cfg)
+  return model_cfg
+
+
 def train(config, workdir: str) -> dict:
-  """Train per `config`; writes config.json, metrics.jsonl, TensorBoard events and
-  summary.json into `workdir`; returns the summary."""
+  """Train per `config`; writes config.json, metrics.jsonl, TensorBoard events, checkpoints and
+  summary.json into `workdir` (resuming from its newest checkpoint); returns the summary."""
   _validate(config)
-  model_cfg = model_config_from_dict(config.model)
-  _check_position_range(config, model_cfg)
+  all_stages = stages_lib.resolve_stages(config)
+  stage_cfgs = [_stage_model_config(config, s) for s in all_stages]  # validate all up front
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
     f.write(config.to_json_best_effort(indent=2))
 
-  data = data_sources.build(config.data, model_cfg, seed=config.train.seed)
-  model = Transformer(model_cfg)
-  steps, seq_len, batch_size = config.train.steps, config.data.seq_len, config.data.batch_size
-  tx, schedule = make_optimizer(config.optim, steps)
+  steps = stages_lib.total_steps(all_stages)
+  tx, schedule = make_optimizer(config.optim, steps)  # one schedule across all stages
   mesh_cfg = config.get("mesh", None) or {}
   mesh, rules = sharding.create_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
-  sharding.check_batch_divisible(mesh, batch_size, seq_len)
-  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-  state, state_shardings = init_state(model, tx, jax.random.PRNGKey(config.train.seed),
-                                      batch_size, seq_len, mesh=mesh, rules=rules)
-  train_step = make_train_step(model, tx, config.data, mesh=mesh, rules=rules,
-                               state_shardings=state_shardings)
-  to_device = _batch_placer(mesh, rules)
-  counts = param_count(model_cfg)
-  flops_per_token = train_flops_per_token(model_cfg, seq_len)
-  logging.info("model: %s parameters (%s in blocks); %.3g train FLOPs/token",
-               f"{counts['total']:,}", f"{counts['blocks']:,}", flops_per_token)
+  logging.info("mesh %s over %d devices; %d stage(s), %d steps", dict(mesh.shape), mesh.size,
+               len(all_stages), steps)
+  first = all_stages[0]
+  state, state_shardings = init_state(Transformer(stage_cfgs[0]), tx,
+                                      jax.random.PRNGKey(config.train.seed), first.batch_size,
+                                      first.seq_len, mesh=mesh, rules=rules)
+  counts = param_count(stage_cfgs[0])
+  logging.info("model: %s parameters (%s in blocks)", f"{counts['total']:,}",
+               f"{counts['blocks']:,}")
 
-  ckpt, start = None, 1
-  meta = {"model_config": model_cfg.to_dict(), "seq_len": seq_len}
+  ckpt, start, data_state = None, 1, None
+  meta = {"model_config": stage_cfgs[0].to_dict()}
   if config.train.get("save_every", 0):
     ckpt = Checkpointer(workdir, save_every=config.train.save_every,
                         keep=config.train.get("keep_checkpoints", 3),
                         async_save=config.train.get("async_checkpoints", True))
     if ckpt.latest_step() is not None:
-      state, data_state, _ = ckpt.restore(abstract_like(state, state_shardings),
-                                          model_config=meta["model_config"])
-      data.restore_train(data_state)
+      state, saved, _ = ckpt.restore(abstract_like(state, state_shardings),
+                                     model_config=meta["model_config"])
       start = int(state.step) + 1
+      # Data state is per stage: it resumes only inside the stage it was saved in.
+      if saved.get("stage") == stages_lib.stage_of(all_stages, start).index:
+        data_state = saved["data"]
       logging.info("resumed from %s at step %d", ckpt.directory, start - 1)
 
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
-  batches = data.train_batches()
   bar = _progress(steps)
   bar.update(start - 1)
-  history = []
-  window_start, window_tokens = time.perf_counter(), 0
-  compile_seconds = None
-  for step in range(start, steps + 1):
-    batch = to_device(next(batches))
-    state, metrics = train_step(state, batch)
-    window_tokens += batch_size * seq_len
-    bar.update(1)
-    if step == start or step % config.train.log_every == 0 or step == steps:
-      loss = float(metrics["loss"])  # blocks: the window's time covers finished steps only
-      if not math.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss} at step {step}")
-      elapsed = time.perf_counter() - window_start
-      record = {"loss": loss, "lr": float(schedule(step - 1)), "seq_len": seq_len,
-                "tokens_per_sec": window_tokens / elapsed,
-                "grad_norm": float(metrics["grad_norm"])}
-      record["model_flops_per_sec"] = record["tokens_per_sec"] * flops_per_token
-      if step == start:
-        compile_seconds = elapsed
-        record["compile_and_first_step_sec"] = elapsed
-      writer.write(step, record)
-      history.append({"step": step, **record})
-      bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_sec']:.0f}")
-      logging.info("step %d loss %.4f lr %.2e %.0f tok/s", step, loss, record["lr"],
-                   record["tokens_per_sec"])
-      window_start, window_tokens = time.perf_counter(), 0
-    if ckpt is not None:
-      stop = ckpt.preempted
-      ckpt.save(step, state, data_state=data.train_state(), meta=meta,
-                force=stop or step == steps)
-      if stop:
-        ckpt.close()
-        logging.warning("stopped by a signal after step %d; the checkpoint is saved", step)
-        raise SystemExit(1)
+  history, run = [], None
+  for stage, model_cfg in zip(all_stages, stage_cfgs):
+    if stage.last_step < start:
+      continue
+    run = _Run(config, stage, model_cfg, tx, mesh, rules, state_shardings)  # compiles once
+    if data_state is not None:
+      run.data.restore_train(data_state)
+      data_state = None
+    state = _train_stage(config, run, state, max(start, stage.first_step), steps, schedule,
+                         mesh, rules, writer, bar, ckpt, history)
   bar.close()
 
+  if run is None:  # resumed after the last step: evaluate with the last stage's shapes
+    run = _Run(config, all_stages[-1], stage_cfgs[-1], tx, mesh, rules, state_shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    eval_loss = evaluate(model, state.params, data, config.train.eval_batches, to_device)
+    eval_loss = evaluate(run.model, state.params, run.data, config.train.eval_batches,
+                         _batch_placer(mesh, rules))
   if ckpt is not None:
     ckpt.close()
-  steady = [h["tokens_per_sec"] for h in history if h["step"] > start]
+  steady = [h["tokens_per_sec"] for h in history if not h.get("first_of_stage")]
   summary = {
-      "steps": steps, "seq_len": seq_len, "batch_size": batch_size,
-      "params": counts["total"], "final_train_loss": history[-1]["loss"] if history else None,
-      "eval_loss": eval_loss, "unigram_entropy": data.unigram_entropy(),
+      "steps": steps, "stages": len(all_stages), "seq_len": run.stage.seq_len,
+      "batch_size": run.stage.batch_size, "params": counts["total"],
+      "final_train_loss": history[-1]["loss"] if history else None,
+      "eval_loss": eval_loss, "unigram_entropy": run.data.unigram_entropy(),
       "median_tokens_per_sec": float(np.median(steady)) if steady else None,
-      "compile_and_first_step_sec": compile_seconds,
+      "compile_and_first_step_sec": next(
+          (h["compile_and_first_step_sec"] for h in history if h.get("first_of_stage")), None),
   }
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
   with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
     json.dump(summary, f, indent=2)
   return summary
+
+
+def _train_stage(config, run, state, start, steps, schedule, mesh, rules, writer, bar, ckpt,
+                 history):
+  """Steps start..run.stage.last_step; logs, checkpoints, stops cleanly on a signal."""
+  stage, to_device = run.stage, _batch_placer(mesh, rules)
+  tokens_per_step = stage.batch_size * stage.seq_len
+  batches = run.data.train_batches()
+  window_start, window_tokens = time.perf_counter(), 0
+  for step in range(start, stage.last_step + 1):
+    state, metrics = run.step(state, to_device(next(batches)))
+    window_tokens += tokens_per_step
+    bar.update(1)
+    if step == start or step % config.train.log_every == 0 or step == stage.last_step:
+      loss = float(metrics["loss"])  # blocks: the window's time covers finished steps only
+      if not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}")
+      elapsed = time.perf_counter() - window_start
+      record = {"loss": loss, "lr": float(schedule(step - 1)), "seq_len": stage.seq_len,
+                "batch_size": stage.batch_size, "stage": stage.index,
+                "tokens_per_sec": window_tokens / elapsed,
+                "grad_norm": float(metrics["grad_norm"])}
+      record["model_flops_per_sec"] = record["tokens_per_sec"] * run.flops_per_token
+      if step == start:
+        record["compile_and_first_step_sec"] = elapsed
+      writer.write(step, record)
+      history.append({"step": step, **record, "first_of_stage": step == start})
+      bar.set_postfix(stage=stage.index, loss=f"{loss:.3f}",
+                      tok_s=f"{record['tokens_per_sec']:.0f}")
+      logging.info("step %d stage %d T=%d loss %.4f lr %.2e %.0f tok/s", step, stage.index,
+                   stage.seq_len, loss, record["lr"], record["tokens_per_sec"])
+      window_start, window_tokens = time.perf_counter(), 0
+    if ckpt is not None:
+      stop = ckpt.preempted
+      ckpt.save(step, state, data_state={"stage": stage.index, "data": run.data.train_state()},
+                meta={"model_config": run.model_cfg.to_dict()},
+                force=stop or step == stage.last_step)
+      if stop:
+        ckpt.close()
+        logging.warning("stopped by a signal after step %d; the checkpoint is saved", step)
+        raise SystemExit(1)
+  return state
 
 
 def _batch_placer(mesh, rules):
