@@ -57,6 +57,20 @@ _F32 = jnp.float32
 _NO_MAX = float(jnp.finfo(jnp.float32).min)  # running max before any visible key (finite)
 
 
+def _varying(x) -> frozenset:
+  aval = jax.typeof(x)
+  mat = getattr(aval, "manual_axis_type", None)
+  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def vary_like(x, *refs):
+  """pcast `x` to vary over every manual (shard_map) axis that any of `refs` varies over, so
+  scan / cond carries keep one type under shard_map(check_vma=True). No-op outside."""
+  want = frozenset().union(*(_varying(r) for r in refs if r is not None))
+  missing = tuple(sorted(want - _varying(x)))
+  return lax.pcast(x, missing, to="varying") if missing else x
+
+
 # ----------------------------------------------------------------------------------------------
 # Block sizes and the visit schedule
 # ----------------------------------------------------------------------------------------------
@@ -129,10 +143,11 @@ class SoftmaxState(NamedTuple):
   acc: jax.Array  # float32 [B, K, G, Tq, D]: running sum exp(s - m) v
 
 
-def init_state(q_BKGTD) -> SoftmaxState:
+def init_state(q_BKGTD, *vary_refs) -> SoftmaxState:
   shape = q_BKGTD.shape[:-1]
-  return SoftmaxState(jnp.full(shape, _NO_MAX, _F32), jnp.zeros(shape, _F32),
-                      jnp.zeros(q_BKGTD.shape, _F32))
+  v = lambda x: vary_like(x, q_BKGTD, *vary_refs)
+  return SoftmaxState(v(jnp.full(shape, _NO_MAX, _F32)), v(jnp.zeros(shape, _F32)),
+                      v(jnp.zeros(q_BKGTD.shape, _F32)))
 
 
 def block_logits(q_BKGTD, k_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *, pattern, scale,
@@ -275,7 +290,7 @@ def _forward_blocks(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes_KG, *, pattern, 
           lambda st: st, state)
       return state, None
 
-    state, _ = lax.scan(k_step, init_state(q_i), kv_xs + (vis_i,))
+    state, _ = lax.scan(k_step, init_state(q_i, *kv_xs, qp_i, qs_i, slopes_KG), kv_xs + (vis_i,))
     return None, finalize_state(state)
 
   _, (out, lse) = lax.scan(
@@ -305,17 +320,21 @@ def _backward_blocks(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, slopes
                                           qs_i, ks_j, **kw)
         return (c[0] + dk_i, c[1] + dv_i), dq_i
 
+      refs = (q_i, k_j, v_j, do_i, lse_i, delta_i, qp_i, kp_j, qs_i, ks_j, slopes_KG)
+
       def skip(c):
-        return c, jnp.zeros(q_i.shape, _F32)
+        return c, vary_like(jnp.zeros(q_i.shape, _F32), *refs)
 
       return lax.cond(vis_ij, visit, skip, carry)
 
-    zeros_kv = jnp.zeros(k_j.shape, _F32)
+    refs = (k_j, v_j, kp_j, ks_j) + q_xs + (slopes_KG,)
+    zeros_kv = vary_like(jnp.zeros(k_j.shape, _F32), *refs)
     (dk_j, dv_j), dq_parts = lax.scan(q_step, (zeros_kv, zeros_kv), q_xs + (vis_j,))
     return dq_acc + dq_parts, (dk_j, dv_j)
 
   dq, (dk, dv) = lax.scan(
-      k_step, jnp.zeros(q_xs[0].shape, _F32),
+      k_step, vary_like(jnp.zeros(q_xs[0].shape, _F32), q, k, v, do, lse, delta, q_pos, k_pos,
+                        q_seg, k_seg, slopes_KG),
       (k_blk, _kv_blocks(v, block_k), _row_blocks(k_pos, block_k), _row_blocks(k_seg, block_k),
        vis.T))
   return _q_unblocks(dq), _kv_unblocks(dk), _kv_unblocks(dv)

@@ -1,0 +1,288 @@
+"""Benchmark: ring vs all_gather context-parallel attention vs dense XLA on 8 fake CPU devices.
+
+Causal forward+backward (jit of jax.vjp then the pullback), batch 1, 8 heads, head_dim 64,
+float32, T = 4096, 8192 (16384 by default too; dense XLA only where its [T, T] scores fit).
+  * ring / all_gather: 8 fake CPU devices (--xla_force_host_platform_device_count=8), sequence
+    sharded over "context", inputs already in the layout (zigzag by default; contiguous too at
+    T <= --contiguous-max-len to show the load-balancing effect), placed on the mesh before
+    timing;
+  * dense: jax.nn.dot_product_attention(implementation="xla", is_causal=True) on ONE device.
+Time = median of interleaved rounds after a warm-up (compile) call. Memory = XLA's compiled
+memory_analysis() of the SPMD program, i.e. PER DEVICE: arguments + outputs + temporaries -
+aliased (the planned peak of live buffers; the host's RSS cannot be split per fake device).
+
+The memory point: ring on n = 8 devices at T = 8L needs about the per-device memory that one
+device needs for blockwise (ring with n = 1) at L; all_gather's grows with T (full K/V, dK/dV
+per device); dense grows with T^2.
+
+All 8 fake devices share this machine's cores (2 here), so the wall time measures total work +
+ring overheads, not an 8-way speed-up, and load balancing cannot shorten the critical path the
+way it does on real accelerators.
+
+  python benchmarks/attention_ring.py [--lengths 4096,8192,16384] [--rounds N]
+      [--memory-base 2048] [--out benchmarks/results/attention_ring.json]
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ctxjax.attention import blockwise, make_pattern, ring  # noqa: E402
+
+BATCH, HEADS, HEAD_DIM = 1, 8, 64
+N_DEV = 8
+CAUSAL = make_pattern("causal")
+YARDSTICK = ("haoliuhl/ringattention, 8 fake CPU devices, causal fwd+bwd T=8K: ~4.2 s; dense "
+             "XLA: ~19 s and ~11 GB (project brief; their head count/dim and machine unknown)")
+
+
+def _mem_available_bytes() -> int:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return 8 << 30
+
+
+def _fwd_bwd(fn):
+  def step(q, k, v, do):
+    _, pull = jax.vjp(fn, q, k, v)
+    return pull(do)
+  return jax.jit(step)
+
+
+def _memory(compiled) -> dict:
+  m = compiled.memory_analysis()
+  get = lambda name: int(getattr(m, name, 0) or 0)
+  arg, out, tmp, alias = (get("argument_size_in_bytes"), get("output_size_in_bytes"),
+                          get("temp_size_in_bytes"), get("alias_size_in_bytes"))
+  return {"argument_bytes": arg, "output_bytes": out, "temp_bytes": tmp, "alias_bytes": alias,
+          "peak_bytes": arg + out + tmp - alias}
+
+
+def _inputs(t):
+  keys = jax.random.split(jax.random.PRNGKey(t), 4)
+  return [jax.random.normal(key, (BATCH, t, HEADS, HEAD_DIM), jnp.float32) for key in keys]
+
+
+def _cp_case(t, n, strategy, layout):
+  """(jitted fwd+bwd, args placed on the mesh) for context-parallel attention on n devices."""
+  mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n])
+  spec, row = NamedSharding(mesh, P(None, "context")), NamedSharding(mesh, P(None, "context"))
+  pos = ring.reorder_for_context_parallel(np.arange(t, dtype=np.int32)[None], 1, n, layout)
+  pos = jax.device_put(pos, row)
+  seg = jax.device_put(np.ones((BATCH, t), np.int32), row)
+  fn = _fwd_bwd(lambda q, k, v: ring.context_parallel_attend(
+      q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
+      pattern=CAUSAL, mesh=mesh, strategy=strategy))
+  # Random data stands for tokens already permuted at load (the layout only moves tokens).
+  args = [jax.device_put(x, spec) for x in _inputs(t)]
+  return fn, args
+
+
+def _dense_case(t):
+  fn = _fwd_bwd(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                             implementation="xla"))
+  return fn, _inputs(t)
+
+
+def _blockwise_case(t):
+  pos = jnp.arange(t, dtype=jnp.int32)[None]
+  seg = jnp.ones((BATCH, t), jnp.int32)
+  fn = _fwd_bwd(lambda q, k, v: blockwise.blockwise_attention(
+      q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
+      pattern=CAUSAL))
+  return fn, _inputs(t)
+
+
+def _case(name, t):
+  if name == "dense_xla":
+    return _dense_case(t)
+  if name == "blockwise_1dev":
+    return _blockwise_case(t)
+  strategy, layout, n = name.split(":")  # e.g. "ring:zigzag:8"
+  return _cp_case(t, int(n), strategy, layout)
+
+
+def _compile(fn, args):
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  return compiled, time.perf_counter() - t0
+
+
+def ring_block_schedule(t, n, layout, block=blockwise.DEFAULT_BLOCK_Q) -> dict:
+  """Causal block pairs the ring computes, from the layout alone (numpy): at step s device i
+  holds the K/V of device (i - s) mod n; a (q block, k block) pair is visited iff
+  min(k) <= max(q) (`Causal.block_visible`) and its shard pair is visible. `critical_path` =
+  sum over steps of the busiest device's blocks: the ring's time on real parallel devices
+  (steps are synchronous); `total` = all devices' blocks (the time on shared CPU cores)."""
+  tok = ring.device_tokens(t, n, layout)
+  blk = min(block, tok.shape[1])
+  lo = tok.reshape(n, -1, blk).min(-1)
+  hi = tok.reshape(n, -1, blk).max(-1)
+  per_step = np.zeros((n, n), np.int64)  # [step, device]
+  for s in range(n):
+    for i in range(n):
+      j = (i - s) % n
+      per_step[s, i] = int((lo[j][None, :] <= hi[i][:, None]).sum())
+  return {"block": blk, "critical_path": int(per_step.max(1).sum()),
+          "total": int(per_step.sum()), "per_step_max": per_step.max(1).tolist()}
+
+
+def bench_length(t, rounds, contiguous_max_len, budget):
+  names = [f"ring:zigzag:{N_DEV}", f"all_gather:zigzag:{N_DEV}"]
+  if t <= contiguous_max_len:
+    names.insert(1, f"ring:contiguous:{N_DEV}")
+  names.append("dense_xla")
+  compiled, args, memory, compile_s, skipped = {}, {}, {}, {}, {}
+  for name in names:
+    fn, a = _case(name, t)
+    compiled[name], compile_s[name] = _compile(fn, a)
+    memory[name] = _memory(compiled[name])
+    if memory[name]["peak_bytes"] > budget:
+      skipped[name] = (f"planned peak {memory[name]['peak_bytes'] / 2**30:.1f} GiB > budget "
+                       f"{budget / 2**30:.1f} GiB (half of MemAvailable): not run")
+      compiled.pop(name)
+      continue
+    args[name] = a
+  first = {}
+  for name in compiled:  # warm-up call (buffers, thread pools)
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled[name](*args[name]))
+    first[name] = time.perf_counter() - t0
+  times = {name: [] for name in compiled}
+  for _ in range(rounds):
+    for name in compiled:
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled[name](*args[name]))
+      times[name].append(time.perf_counter() - t0)
+  counts = {layout: ring.causal_pair_counts(t, N_DEV, layout).tolist()
+            for layout in ("contiguous", "zigzag")}
+  row = {"T": t, "rounds": rounds, "median_s": {k: float(np.median(v)) for k, v in times.items()},
+         "min_s": {k: float(np.min(v)) for k, v in times.items()}, "first_call_s": first,
+         "compile_s": compile_s, "memory_per_device": memory, "skipped": skipped,
+         "causal_pairs_per_device_max_over_mean": {
+             k: float(max(v) / np.mean(v)) for k, v in counts.items()},
+         "ring_block_schedule": {layout: ring_block_schedule(t, N_DEV, layout)
+                                 for layout in ring.LAYOUTS}}
+  return row
+
+
+def bench_memory_point(base, budget):
+  """Per-device planned memory: ring on 8 devices at 8*base vs one device at base."""
+  cases = [("blockwise_1dev", base), ("ring:contiguous:1", base), ("dense_xla", base),
+           (f"ring:zigzag:{N_DEV}", N_DEV * base), (f"all_gather:zigzag:{N_DEV}", N_DEV * base),
+           ("dense_xla", N_DEV * base)]
+  rows = []
+  for name, t in cases:
+    fn, a = _case(name, t)
+    compiled, _ = _compile(fn, a)
+    mem = _memory(compiled)
+    rows.append({"impl": name, "T": t, "devices": 1 if name in ("blockwise_1dev", "dense_xla")
+                 else int(name.split(":")[2]), **mem})
+    del compiled
+  return rows
+
+
+def _gib(x):
+  return f"{x / 2**30:8.3f}"
+
+
+def _print_schedule(rows):
+  print(f"\nring causal block pairs (block 256) on {N_DEV} devices: critical path (sum over "
+        f"steps of the busiest device) / total over devices")
+  for r in rows:
+    sch = r["ring_block_schedule"]
+    print(f"{r['T']:>6} " + "  ".join(f"{k}: {v['critical_path']}/{v['total']}"
+                                       for k, v in sch.items()), flush=True)
+
+
+def _print_table(rows):
+  print(f"\n{'T':>6} {'impl':<24} {'median s':>9} {'min s':>8} {'compile s':>9} "
+        f"{'peak GiB/dev':>12} {'temp GiB/dev':>12}")
+  for r in rows:
+    for name, mem in r["memory_per_device"].items():
+      med = r["median_s"].get(name)
+      mn = r["min_s"].get(name)
+      print(f"{r['T']:>6} {name:<24} {('%9.2f' % med) if med is not None else '  skipped':>9} "
+            f"{('%8.2f' % mn) if mn is not None else '       -':>8} {r['compile_s'][name]:9.1f} "
+            f"{_gib(mem['peak_bytes']):>12} {_gib(mem['temp_bytes']):>12}", flush=True)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--lengths", default="4096,8192,16384")
+  parser.add_argument("--rounds", type=int, default=2)
+  parser.add_argument("--contiguous-max-len", type=int, default=8192,
+                      help="longest T at which ring with the contiguous layout is timed too")
+  parser.add_argument("--memory-base", type=int, default=2048,
+                      help="L of the memory point (ring 8 devices at 8L vs one device at L)")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                    "results", "attention_ring.json"))
+  args = parser.parse_args(argv)
+  assert len(jax.devices()) >= N_DEV, jax.devices()
+  lengths = [int(x) for x in args.lengths.split(",") if x]
+  budget = _mem_available_bytes() // 2
+  load_before = os.getloadavg()
+  print(f"causal fwd+bwd, batch {BATCH}, {HEADS} heads, head_dim {HEAD_DIM}, float32; "
+        f"{N_DEV} fake {jax.devices()[0].platform} devices on {os.cpu_count()} cpus; "
+        f"load {load_before[0]:.1f}; memory = compiled memory_analysis per device", flush=True)
+  t0 = time.perf_counter()
+  rows = []
+  for t in lengths:
+    rows.append(bench_length(t, args.rounds, args.contiguous_max_len, budget))
+    _print_table(rows[-1:])
+  _print_schedule(rows)
+  mem_rows = bench_memory_point(args.memory_base, budget)
+  print(f"\nmemory point (planned per-device peak, GiB): one device at L={args.memory_base} vs "
+        f"{N_DEV} devices at {N_DEV}L={N_DEV * args.memory_base}")
+  for r in mem_rows:
+    print(f"  {r['impl']:<24} T={r['T']:>6} devices={r['devices']}  peak {_gib(r['peak_bytes'])}"
+          f"  (args {_gib(r['argument_bytes'])}, temp {_gib(r['temp_bytes'])})", flush=True)
+  by = {(r["impl"], r["T"]): r for r in mem_rows}
+  ring_long = by[(f"ring:zigzag:{N_DEV}", N_DEV * args.memory_base)]["peak_bytes"]
+  one_short = by[("ring:contiguous:1", args.memory_base)]["peak_bytes"]
+  bw_short = by[("blockwise_1dev", args.memory_base)]["peak_bytes"]
+  summary = {"ring_8dev_at_8L_over_ring_1dev_at_L": ring_long / one_short,
+             "ring_8dev_at_8L_over_blockwise_1dev_at_L": ring_long / bw_short}
+  print(f"  ring 8 dev @ {N_DEV * args.memory_base} / ring 1 dev @ {args.memory_base}: "
+        f"{summary['ring_8dev_at_8L_over_ring_1dev_at_L']:.2f}x; / blockwise 1 dev: "
+        f"{summary['ring_8dev_at_8L_over_blockwise_1dev_at_L']:.2f}x")
+  print(f"\nyardstick: {YARDSTICK}")
+  result = {
+      "benchmark": "attention_ring", "jax": jax.__version__, "platform": platform.machine(),
+      "backend": jax.devices()[0].platform, "fake_devices": N_DEV, "cpu_count": os.cpu_count(),
+      "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+      "shape": {"batch": BATCH, "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "float32",
+                "pattern": "causal"},
+      "memory_budget_bytes": budget, "attention_fwd_bwd": rows, "memory_point": {
+          "base_length": args.memory_base, "rows": mem_rows, **summary},
+      "yardstick": YARDSTICK, "total_s": time.perf_counter() - t0}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
