@@ -27,13 +27,13 @@ def get_model_config():
       rope_scaling=None,
       xpos_scale_base=512.0,
       xpos_gamma=0.4,
-      attention_impl="reference",
+      attention_impl="auto",         # blockwise on CPU, cuDNN on GPU, splash on TPU
       attention_pattern=dict(kind="causal"),
       attention_mode="standard",     # standard | s2 | dilated | lm_infinite
       attention_options={},          # the mode's options (configs/tiny_attention.py)
       dtype="auto",                  # bfloat16 on GPU/TPU, float32 on CPU
       param_dtype="float32",
-      scan_layers=True,
+      scan_layers=False,             # unrolled: ~12% faster on XLA:CPU at this size; scan for big models
       remat_policy="none",
   ))
 

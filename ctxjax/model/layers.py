@@ -7,6 +7,8 @@ constraints are no-ops.
 """
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,29 +42,37 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTE):
     cfg = self.cfg
-    dense = lambda feats, names, name: nn.Dense(
-        feats, use_bias=False, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-        kernel_init=_init(cfg, *names), name=name)
-    gate_BTM = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BTE)
-    up_BTM = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x_BTE)
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    gate_BTM = Projection(cfg, (e, m), ("embed", "mlp"), name="gate_proj")(x_BTE)
+    up_BTM = Projection(cfg, (e, m), ("embed", "mlp"), name="up_proj")(x_BTE)
     h_BTM = nn.with_logical_constraint(nn.silu(gate_BTM) * up_BTM, ("batch", "length", "mlp"))
-    return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj")(h_BTM)
+    return Projection(cfg, (m, e), ("mlp", "embed"), name="down_proj")(h_BTM)
+
+
+def matmul_2d(x, kernel, n_in: int = 1):
+  """Contract x's last `n_in` dims with kernel's first `n_in`, as ONE 2-D matmul: [B*T, in] @
+  [in, out]. XLA:CPU runs the backward of a 3-D dot (weight gradient contracting over batch and
+  length) about 2x slower than the 2-D form (measured: SwiGLU MLP grad 121 ms -> 56 ms)."""
+  lead, in_shape, out_shape = x.shape[:-n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+  y = x.reshape(-1, math.prod(in_shape)) @ kernel.reshape(math.prod(in_shape), -1)
+  return y.reshape(*lead, *out_shape)
 
 
 class Projection(nn.Module):
-  """y = einsum(spec, x, kernel) with an explicitly shaped kernel. (flax's DenseGeneral inits
-  kernels flat and reshapes, which breaks per-parameter sharding constraints under a mesh.)"""
+  """A bias-free linear map with an explicitly shaped, logically named kernel (flax's
+  DenseGeneral inits kernels flat and reshapes, which breaks per-parameter sharding constraints
+  under a mesh). The kernel's first `n_in` dims contract with x's last `n_in` dims."""
   cfg: ModelConfig
   kernel_shape: tuple[int, ...]
   names: tuple[str, ...]
-  spec: str
+  n_in: int = 1
 
   @nn.compact
   def __call__(self, x):
     kernel = self.param("kernel", _init(self.cfg, *self.names), self.kernel_shape,
                         self.cfg.weight_dtype)
     dtype = self.cfg.compute_dtype
-    return jnp.einsum(self.spec, x.astype(dtype), kernel.astype(dtype))
+    return matmul_2d(x.astype(dtype), kernel.astype(dtype), self.n_in)
 
 
 class Attention(nn.Module):
@@ -75,7 +85,7 @@ class Attention(nn.Module):
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     cfg = self.cfg
     proj = lambda heads, names, name: Projection(
-        cfg, (cfg.hidden_size, heads, cfg.head_dim), names, "bte,ehd->bthd", name=name)
+        cfg, (cfg.hidden_size, heads, cfg.head_dim), names, name=name)
     q_BTHD = proj(cfg.num_attention_heads, ("embed", "heads", "head_dim"), "q_proj")(x_BTE)
     k_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTE)
     v_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTE)
@@ -89,7 +99,7 @@ class Attention(nn.Module):
                         v_BTKD, positions_BT, segment_ids_BT, self.training)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
     return Projection(cfg, (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
-                      ("heads", "head_dim", "embed"), "bthd,hde->bte", name="o_proj")(out_BTHD)
+                      ("heads", "head_dim", "embed"), n_in=2, name="o_proj")(out_BTHD)
 
 
 class Block(nn.Module):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ctxjax.model.config import ModelConfig
-from ctxjax.model.layers import Block, RMSNorm
+from ctxjax.model.layers import Block, Projection, RMSNorm, matmul_2d
 from ctxjax.positions import absolute, schemes
 from ctxjax.positions.generators import contiguous_positions
 
@@ -111,11 +111,9 @@ class Transformer(nn.Module):
 
     x_BTE = RMSNorm(cfg, name="norm")(x_BTE)
     if cfg.tie_word_embeddings:
-      logits_BTV = embed.attend(x_BTE)
+      table_VE = embed.embedding.astype(cfg.compute_dtype)
+      logits_BTV = matmul_2d(x_BTE, table_VE.T)
     else:
-      logits_BTV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
-                            param_dtype=cfg.weight_dtype, name="lm_head",
-                            kernel_init=nn.with_logical_partitioning(
-                                nn.initializers.normal(cfg.initializer_range),
-                                ("embed", "vocab")))(x_BTE)
+      logits_BTV = Projection(cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
+                              name="lm_head")(x_BTE)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
