@@ -2,9 +2,9 @@
 # bundled demo corpus (Python stdlib code, Perl/vim docs, licences; built on first use).
 #
 # COMMAND:   python -m ctxjax.train --config=configs/tiny.py --workdir=runs/tiny
-# HARDWARE:  2 CPU cores, ~2-3 minutes (first run also builds the corpus and tokenizer, ~1 min).
-# EXPECTED:  eval_loss ~2.7 nats/token, far below the corpus unigram entropy (~5.4); see
-#            README.md "Quick start" for the figures measured on the reference machine.
+# HARDWARE:  2 CPU cores, ~3 minutes (the first run also builds the corpus and tokenizer, ~10 s).
+# EXPECTED:  measured 2026-11-22 (fresh venv, 2-core CPU): eval_loss 4.97 nats/token vs the
+#            corpus unigram entropy 5.96 (perplexity 145 vs 386), ~2.5K tokens/s.
 # Override anything: --config.model.rope_theta=5e5 --config.data.seq_len=512 ...
 import ml_collections
 
