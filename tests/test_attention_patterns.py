@@ -12,6 +12,7 @@ from ctxjax.attention import make_pattern
 from ctxjax.attention.patterns import AttentionSinks, BlockCausal, LambdaMask
 from ctxjax.attention.reference import reference_attention
 from ctxjax.model.config import model_config_from_dict
+from attention_cases import packed as _packed
 
 FP32_TOL = 1e-5
 
@@ -99,17 +100,6 @@ def test_visit_count_linear_in_length(pattern, most):
 
 
 B, T, D = 2, 64, 16
-
-
-def _packed(t):
-  seg = np.zeros((B, t), np.int32)
-  seg[0] = np.repeat([1, 2, 3], [t // 3 + 5, t // 3 - 2, t - 2 * (t // 3) - 3])
-  seg[1, : t - 7] = np.repeat([4, 5], [9, t - 16])
-  pos = np.zeros_like(seg)
-  for b in range(B):
-    for i in range(1, t):
-      pos[b, i] = pos[b, i - 1] + 1 if seg[b, i] == seg[b, i - 1] else 0
-  return jnp.asarray(pos), jnp.asarray(seg)
 
 
 @pytest.mark.parametrize("pattern", [LambdaMask(n_global=3, n_local=10), BlockCausal(block_size=12),

@@ -13,6 +13,7 @@ from ctxjax.attention import blockwise as bw
 from ctxjax.attention import make_pattern
 from ctxjax.attention.dilated import (attend_with_lse, dilated_attention, dilated_coverage,
                                       merge_partials)
+from attention_cases import packed as _packed, single as _single
 
 FP32_TOL = 1e-5
 B, D = 2, 8
@@ -35,21 +36,6 @@ def test_head_position_vectors():
   assert rows(dilated_coverage(12, 12, 3, 6)) == [g0, g0, g1, g1, g2, g2]
   # torchscale head padding: H 3, r 2 -> groups of 2 heads; offsets restart per segment
   assert rows(dilated_coverage(10, 4, 2, 3)) == [[0, 2, 4, 6, 8]] * 2 + [[1, 3, 5, 7, 9]]
-
-
-def _packed(t):
-  seg = np.zeros((B, t), np.int32)
-  seg[0] = np.repeat([1, 2, 3], [t // 3 + 5, t // 3 - 2, t - 2 * (t // 3) - 3])
-  seg[1, : t - 7] = np.repeat([4, 5], [9, t - 16])
-  pos = np.zeros_like(seg)
-  for b in range(B):
-    for i in range(1, t):
-      pos[b, i] = pos[b, i - 1] + 1 if seg[b, i] == seg[b, i - 1] else 0
-  return jnp.asarray(pos), jnp.asarray(seg)
-
-
-def _single(t):
-  return (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t)), jnp.ones((B, t), jnp.int32))
 
 
 def _qkv(t, h, kv, seed=0):

@@ -16,6 +16,7 @@ from ctxjax.attention import make_pattern
 from ctxjax.attention.lm_infinite import lm_infinite_attention
 from ctxjax.model.config import model_config_from_dict
 from ctxjax.positions import rope, schemes
+from attention_cases import packed as _packed, single as _single
 
 FP32_TOL = 1e-5
 B, T, H, K, D = 2, 40, 4, 2, 8
@@ -26,21 +27,6 @@ INV_FREQ = rope.rope_inv_freq(None, head_dim=D, rope_theta=10000.0,
 
 def _rotate(x, positions):
   return rope.apply_rope(x, positions, INV_FREQ)
-
-
-def _packed(t):
-  seg = np.zeros((B, t), np.int32)
-  seg[0] = np.repeat([1, 2, 3], [t // 3 + 5, t // 3 - 2, t - 2 * (t // 3) - 3])
-  seg[1, : t - 7] = np.repeat([4, 5], [9, t - 16])
-  pos = np.zeros_like(seg)
-  for b in range(B):
-    for i in range(1, t):
-      pos[b, i] = pos[b, i - 1] + 1 if seg[b, i] == seg[b, i - 1] else 0
-  return jnp.asarray(pos), jnp.asarray(seg)
-
-
-def _single(t):
-  return (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t)), jnp.ones((B, t), jnp.int32))
 
 
 def _qkv(seed=0):

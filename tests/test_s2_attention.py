@@ -11,6 +11,7 @@ from ctxjax.attention import blockwise as bw
 from ctxjax.attention import make_pattern
 from ctxjax.attention.reference import reference_attention
 from ctxjax.attention.s2 import s2_attention, s2_head_segment_ids, shifted_group_segment_ids
+from attention_cases import packed as _packed, single as _single
 
 FP32_TOL = 1e-5
 
@@ -68,21 +69,6 @@ def test_flash_and_roll_visibility():
 
 
 B, T, D = 2, 64, 8
-
-
-def _packed(t):
-  seg = np.zeros((B, t), np.int32)
-  seg[0] = np.repeat([1, 2, 3], [t // 3 + 5, t // 3 - 2, t - 2 * (t // 3) - 3])
-  seg[1, : t - 7] = np.repeat([4, 5], [9, t - 16])
-  pos = np.zeros_like(seg)
-  for b in range(B):
-    for i in range(1, t):
-      pos[b, i] = pos[b, i - 1] + 1 if seg[b, i] == seg[b, i - 1] else 0
-  return jnp.asarray(pos), jnp.asarray(seg)
-
-
-def _single(t):
-  return (jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t)), jnp.ones((B, t), jnp.int32))
 
 
 def _qkv(h, kv, seed=0, t=T):
