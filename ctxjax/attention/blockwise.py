@@ -218,13 +218,27 @@ def block_backward(q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKGT, delta_BKGT, q_po
   return dq, dk, dv
 
 
+def merge_partials(partials):
+  """Mix [(out [..., D], lse [...]), ...] by softmax over lse -> (out float32, lse).
+
+  Exact attention over the union when the partials' key sets are disjoint; entries with
+  lse = -inf get weight 0; if every lse is -inf: out 0, lse -inf. NaN-free gradients.
+  """
+  lse_N = jnp.stack([lse.astype(_F32) for _, lse in partials])
+  top = lax.stop_gradient(jnp.max(lse_N, axis=0))  # a pure shift: cancels exactly
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  e_N = jnp.where(jnp.isneginf(lse_N), 0.0, jnp.exp(lse_N - top))
+  total = e_N.sum(axis=0)
+  seen = total > 0
+  safe = jnp.where(seen, total, 1.0)
+  out = sum((e / safe)[..., None] * o.astype(_F32) for e, (o, _) in zip(e_N, partials))
+  return out, jnp.where(seen, top + jnp.log(safe), -jnp.inf)
+
+
 def combine_partials(out_a, lse_a, out_b, lse_b):
   """Merge two partial attentions over disjoint key sets (any layout; lse has out's shape[:-1])."""
-  lse = jnp.logaddexp(lse_a, lse_b)
-  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  wa = jnp.where(jnp.isneginf(lse_a), 0.0, jnp.exp(lse_a - safe))
-  wb = jnp.where(jnp.isneginf(lse_b), 0.0, jnp.exp(lse_b - safe))
-  return out_a * wa[..., None] + out_b * wb[..., None], lse
+  out, lse = merge_partials([(out_a, lse_a), (out_b, lse_b)])
+  return out.astype(out_a.dtype), lse
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from ctxjax.attention import blockwise as bw
 from ctxjax.attention.patterns import Causal
 from ctxjax.attention.reference import attention_logits
 
+merge_partials = bw.merge_partials  # re-exported: lm_infinite and tests import it here
 _F32 = jnp.float32
 IMPLS = ("reference", "blockwise")
 
@@ -105,23 +106,6 @@ def attend_with_lse(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segme
   fn = _reference_with_lse if impl == "reference" else _blockwise_with_lse
   return fn(q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids,
             slopes, pattern, scale)
-
-
-def merge_partials(partials):
-  """Mix [(out [..., D], lse [...]), ...] by softmax over lse -> (out float32, lse).
-
-  Exact attention over the union when the partials' key sets are disjoint; entries with
-  lse = -inf get weight 0; if every lse is -inf: out 0, lse -inf. NaN-free gradients.
-  """
-  lse_N = jnp.stack([lse.astype(_F32) for _, lse in partials])
-  top = lax.stop_gradient(jnp.max(lse_N, axis=0))  # a pure shift: cancels exactly
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  e_N = jnp.where(jnp.isneginf(lse_N), 0.0, jnp.exp(lse_N - top))
-  total = e_N.sum(axis=0)
-  seen = total > 0
-  safe = jnp.where(seen, total, 1.0)
-  out = sum((e / safe)[..., None] * o.astype(_F32) for e, (o, _) in zip(e_N, partials))
-  return out, jnp.where(seen, top + jnp.log(safe), -jnp.inf)
 
 
 # ----------------------------------------------------------------------------------------------
