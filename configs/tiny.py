@@ -62,5 +62,8 @@ def get_config():
   config.train = ml_collections.ConfigDict(dict(
       steps=300, log_every=10, eval_batches=8, seed=0,
       save_every=100, keep_checkpoints=2, async_checkpoints=True,  # 0 = no checkpoints
+      grad_accum_steps=1,            # micro-batches per optimizer step (batch_size is global)
+      init_from="",                  # a ctxjax workdir: start from its parameters only
+      init_from_hf="",               # a Hugging Face LLaMA directory: start from its weights
   ))
   return config

@@ -39,7 +39,7 @@ def batches():
            "loss_mask": np.ones((B, T), np.float32)}
 
 
-def run(mesh_sizes):
+def run(mesh_sizes, grad_accum_steps=1):
   model = Transformer(model_config_from_dict(MODEL))
   tx = optax.sgd(LR)
   if mesh_sizes is None:
@@ -51,7 +51,8 @@ def run(mesh_sizes):
     mesh, rules = sharding.create_mesh(cfg), sharding.DEFAULT_RULES
     state, shardings = init_state(model, tx, jax.random.PRNGKey(0), B, T, mesh=mesh,
                                   rules=rules)
-    step = make_train_step(model, tx, DATA, mesh=mesh, rules=rules, state_shardings=shardings)
+    step = make_train_step(model, tx, DATA, mesh=mesh, rules=rules, state_shardings=shardings,
+                           grad_accum_steps=grad_accum_steps)
     shard = sharding.batch_sharding(mesh, rules)
     place = lambda b: {k: jax.make_array_from_process_local_data(shard, v) for k, v in b.items()}
     # Really sharded: the q projection is split over tensor, the embedding over fsdp.
@@ -65,10 +66,12 @@ def run(mesh_sizes):
 
 
 base_losses, base_params = run(None)
-for sizes in [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2), (1, 1, 8, 1)]:
-  losses, params = run(sizes)
+# The last row: gradient accumulation (2 micro-batches of 4 rows) on a sharded mesh.
+for sizes, accum in [((8, 1, 1, 1), 1), ((2, 2, 2, 1), 1), ((1, 2, 2, 2), 1), ((1, 1, 8, 1), 1),
+                     ((2, 2, 2, 1), 2)]:
+  losses, params = run(sizes, accum)
   param_err = max(float(np.max(np.abs(a - b)))
                   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
-  print(json.dumps({"mesh": sizes, "losses": losses, "base_losses": base_losses,
+  print(json.dumps({"mesh": sizes, "grad_accum_steps": accum, "losses": losses, "base_losses": base_losses,
                     "loss_err": max(abs(a - b) for a, b in zip(losses, base_losses)),
                     "grad_err": param_err / LR}), flush=True)

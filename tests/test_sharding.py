@@ -65,8 +65,9 @@ def test_sharded_train_steps_equal_one_device(scheme):
                          scheme], capture_output=True, text=True, timeout=900, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-4000:]
   rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-  assert [tuple(r["mesh"]) for r in rows] == [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2),
-                                              (1, 1, 8, 1)]
+  assert [(tuple(r["mesh"]), r["grad_accum_steps"]) for r in rows] == [
+      ((8, 1, 1, 1), 1), ((2, 2, 2, 1), 1), ((1, 2, 2, 2), 1), ((1, 1, 8, 1), 1),
+      ((2, 2, 2, 1), 2)]
   for r in rows:
     assert r["loss_err"] < 1e-5, r
     assert r["grad_err"] < 1e-5, r  # summed over the steps, max abs over every parameter

@@ -1,15 +1,27 @@
-"""`python -m ctxjax.train --config=configs/tiny.py --workdir=DIR [--config.a.b=value ...]`"""
+"""`python -m ctxjax.train --config=configs/tiny.py --workdir=DIR [--config.a.b=value ...]`
+
+Multi-host: run the same command on every host; add `--coordinator_address=HOST:PORT
+--num_processes=N --process_id=I` where JAX cannot detect the cluster (ctxjax/train/distributed.py).
+"""
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<recipe>.py file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for metrics, config and checkpoints.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "Multi-host: HOST:PORT of process 0 (env CTXJAX_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Multi-host: process count (env CTXJAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "Multi-host: this process's id (env CTXJAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
   del argv
+  from ctxjax.train import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from ctxjax.train.trainer import train
   logging.set_verbosity(logging.INFO)
   summary = train(_CONFIG.value, _WORKDIR.value)

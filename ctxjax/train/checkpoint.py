@@ -106,3 +106,61 @@ def abstract_like(state, shardings=None):
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def _flat(tree, prefix=()) -> dict[tuple, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flat(v, prefix + (k,)))
+    return out
+  return {prefix: tree}
+
+
+def _unflat(flat: dict[tuple, Any]) -> dict:
+  out: dict = {}
+  for path, leaf in flat.items():
+    node = out
+    for k in path[:-1]:
+      node = node.setdefault(k, {})
+    node[path[-1]] = leaf
+  return out
+
+
+def restore_params(workdir: str, abstract_params, *, model_config: dict, step: int | None = None
+                   ) -> tuple[dict, list[str], int]:
+  """Parameters only, from another ctxjax training run's newest (or `step`) checkpoint — the
+  `config.train.init_from` of continual pretraining: the optimizer, step, RNG and data state
+  start fresh. Each restored array lands directly in its sharding from `abstract_params`.
+
+  Returns (restored params, the '/'-paths of `abstract_params` the checkpoint lacks — e.g. new
+  LoRA adapters, left to the caller's initialisation — and the step read). A differing
+  architecture, or a checkpoint tensor whose shape differs, is an error naming it."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise ValueError(f"config.train.init_from={workdir!r}: no checkpoint under {directory}")
+  meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+  diffs = config_differences(meta.get("model_config", {}), model_config)
+  if diffs:
+    raise ValueError(f"config.train.init_from={workdir!r} (step {step}) holds a different "
+                     f"model; differing model config keys: {'; '.join(diffs)}")
+  saved = _flat(manager.item_metadata(step)["state"].tree["params"])
+  wanted = _flat(abstract_params)
+  for path, have in saved.items():
+    if path in wanted and tuple(have.shape) != tuple(wanted[path].shape):
+      raise ValueError(f"config.train.init_from: parameter {'/'.join(path)} has shape "
+                       f"{tuple(have.shape)} in the checkpoint, {tuple(wanted[path].shape)} here")
+  unused = sorted("/".join(p) for p in saved if p not in wanted)
+  if unused:
+    raise ValueError(f"config.train.init_from={workdir!r}: checkpoint parameters this model "
+                     f"has no place for: {unused[:8]}")
+  present = _unflat({p: a for p, a in wanted.items() if p in saved})
+  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), present)
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item={"params": present}, restore_args={"params": restore_args}, partial_restore=True)))
+  manager.close()
+  missing = sorted("/".join(p) for p in wanted if p not in saved)
+  return restored["state"]["params"], missing, step

@@ -137,3 +137,32 @@ def check_batch_divisible(mesh, batch_size: int, seq_len: int) -> None:
 
 def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
+
+
+def process_batch_block(mesh, rules, batch_size: int, seq_len: int):
+  """Which part of the global [batch, length] batch this process feeds:
+  (row_shard_index, row_shard_count, column slice). Processes whose devices hold the same rows
+  (a context axis spanning hosts) share a row shard and read the same rows; each then passes
+  only its columns to `make_array_from_process_local_data`."""
+  shard = batch_sharding(mesh, rules)
+  blocks: dict[int, tuple[set, set]] = {}
+  for device, (rows, cols) in shard.devices_indices_map((batch_size, seq_len)).items():
+    r, c = blocks.setdefault(device.process_index, (set(), set()))
+    r.add(rows.indices(batch_size)[:2])
+    c.add(cols.indices(seq_len)[:2])
+
+  def span(ranges, what):
+    ordered = sorted(ranges)  # a sharding's blocks are equal or disjoint
+    if any(b != a2 for (_, b), (a2, _) in zip(ordered, ordered[1:])):
+      raise ValueError(f"a process's devices hold non-contiguous {what} of the batch "
+                       f"{ordered}; reorder the mesh devices")
+    return ordered[0][0], ordered[-1][1]
+
+  row_spans = {p: span(r, "rows") for p, (r, _) in blocks.items()}
+  starts = sorted({lo for lo, _ in row_spans.values()})
+  size = row_spans[jax.process_index()][1] - row_spans[jax.process_index()][0]
+  if any(hi - lo != size for lo, hi in row_spans.values()) or len(starts) * size != batch_size:
+    raise ValueError(f"processes hold unequal row blocks {sorted(set(row_spans.values()))} of "
+                     f"data.batch_size={batch_size}")
+  lo, hi = span(blocks[jax.process_index()][1], "columns")
+  return starts.index(row_spans[jax.process_index()][0]), len(starts), slice(lo, hi)

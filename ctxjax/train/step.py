@@ -63,31 +63,79 @@ def init_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int, *, mesh
   init = lambda r: nn.meta.unbox(_boxed_state(model, tx, r, batch_size, seq_len))
   if mesh is None:
     return jax.jit(init)(rng), None
-  from ctxjax.train import sharding
-  abstract = jax.eval_shape(lambda r: _boxed_state(model, tx, r, batch_size, seq_len), rng)
-  sharding.check_params_covered(abstract.params, rules)
-  shardings = sharding.logical_to_shardings(abstract, mesh, rules)
+  _, shardings = abstract_train_state(model, tx, batch_size, seq_len, mesh=mesh, rules=rules)
   # No mesh context here: out_shardings places the state, and flax's DenseGeneral initialises
   # kernels flat (then reshapes), which a per-parameter constraint would reject.
   state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 
 
-def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
-                    state_shardings=None):
-  """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask.
-  With a mesh, the step is jit with explicit in/out shardings (pjit semantics) and runs under
-  the mesh and logical-axis rules, so the model's activation constraints take effect."""
+def abstract_train_state(model: nn.Module, tx, batch_size: int, seq_len: int, *, mesh, rules):
+  """(ShapeDtypeStruct tree carrying each leaf's sharding, state_shardings), allocating nothing:
+  what AOT compilation (ctxjax/aot.py) and checkpoint restores need."""
+  from ctxjax.train import sharding
+  boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, batch_size, seq_len),
+                         jax.random.PRNGKey(0))
+  sharding.check_params_covered(boxed.params, rules)
+  shardings = sharding.logical_to_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  return abstract, shardings
 
-  def loss_fn(params, batch, rng):
+
+def _micro_batches(batch, steps: int):
+  """[B, ...] -> [steps, B/steps, ...], micro-batch i holding rows i, i+steps, i+2*steps, ...:
+  each device's contiguous block of rows splits evenly across micro-batches, so the split
+  moves no data between devices."""
+  def split(x):
+    if x.shape[0] % steps:
+      raise ValueError(f"batch of {x.shape[0]} rows is not divisible by "
+                       f"train.grad_accum_steps={steps}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // steps, steps, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
+                    state_shardings=None, grad_accum_steps: int = 1):
+  """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask,
+  the global batch of one optimizer step. With `grad_accum_steps` > 1 it runs as that many
+  micro-batches whose summed gradients give exactly the full batch's token-mean loss.
+  With a mesh, the step is jit with explicit in/out shardings (pjit semantics) and runs under
+  the mesh and logical-axis rules, so the model's activation constraints take effect; the
+  returned function also has `.lower(state, batch)` for AOT compilation."""
+  if int(grad_accum_steps) < 1:
+    raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+  def nll_sum_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])
     logits = model.apply({"params": params}, batch["inputs"], positions, batch["segment_ids"],
                          train=True)
-    return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    loss, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
+    return loss * tokens, tokens
+
+  def gradients(params, batch, rng):
+    """(token-mean loss, tokens, grads of the token-mean loss) over the whole batch."""
+    grad_fn = jax.value_and_grad(nll_sum_fn, has_aux=True)
+    if grad_accum_steps == 1:
+      (nll, tokens), grads = grad_fn(params, batch, rng)
+    else:
+      def micro(carry, xs):
+        nll_acc, tokens_acc, grads_acc = carry
+        micro_batch, i = xs
+        (nll, tokens), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, i))
+        return (nll_acc + nll, tokens_acc + tokens,
+                jax.tree.map(jnp.add, grads_acc, grads)), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+      xs = (_micro_batches(batch, grad_accum_steps), jnp.arange(grad_accum_steps))
+      (nll, tokens, grads), _ = jax.lax.scan(micro, init, xs)
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    scale = 1.0 / jnp.maximum(tokens, 1.0)
+    return nll * scale, tokens, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    loss, tokens, grads = gradients(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
@@ -104,6 +152,11 @@ def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
   def sharded_step(state, batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
       return jitted(state, batch)
+
+  def lower(state, batch):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return jitted.lower(state, batch)
+  sharded_step.lower = lower
   return sharded_step
 
 

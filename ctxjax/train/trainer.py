@@ -23,6 +23,7 @@ from ctxjax.model.flops import param_count, train_flops_per_token
 from ctxjax.train import data_sources, sharding
 from ctxjax.train import stages as stages_lib
 from ctxjax.train.checkpoint import Checkpointer, abstract_like
+from ctxjax.train.init_from import initial_params
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import init_state, make_eval_step, make_train_step
@@ -67,13 +68,21 @@ class _Run:
     self.stage = stage
     self.model_cfg = model_cfg
     self.model = Transformer(model_cfg)
-    sharding.check_batch_divisible(mesh, stage.batch_size, stage.seq_len)
+    accum = int(config.train.get("grad_accum_steps", 1))
+    if stage.batch_size % accum:
+      raise ValueError(f"the batch of {stage.batch_size} rows (stage {stage.index}) is not "
+                       f"divisible by train.grad_accum_steps={accum}")
+    sharding.check_batch_divisible(mesh, stage.batch_size // accum, stage.seq_len)
+    # Multi-host: this process reads rows [shard * B/count, (shard+1) * B/count) only.
+    shard, count, self.columns = sharding.process_batch_block(mesh, rules, stage.batch_size,
+                                                              stage.seq_len)
     data_cfg = config.data.copy_and_resolve_references()
     data_cfg.unlock()
     data_cfg.seq_len, data_cfg.batch_size = stage.seq_len, stage.batch_size
+    data_cfg.process_index, data_cfg.process_count = shard, count
     self.data = data_sources.build(data_cfg, model_cfg, seed=config.train.seed)
     self.step = make_train_step(self.model, tx, data_cfg, mesh=mesh, rules=rules,
-                                state_shardings=state_shardings)
+                                state_shardings=state_shardings, grad_accum_steps=accum)
     self.flops_per_token = train_flops_per_token(model_cfg, stage.seq_len)
 
 
@@ -97,8 +106,10 @@ def train(config, workdir: str) -> dict:
   all_stages = stages_lib.resolve_stages(config)
   stage_cfgs = [_stage_model_config(config, s) for s in all_stages]  # validate all up front
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  lead = jax.process_index() == 0  # metrics and summaries are written once
+  if lead:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
 
   steps = stages_lib.total_steps(all_stages)
   tx, schedule = make_optimizer(config.optim, steps)  # one schedule across all stages
@@ -128,8 +139,11 @@ def train(config, workdir: str) -> dict:
       if saved.get("stage") == stages_lib.stage_of(all_stages, start).index:
         data_state = saved["data"]
       logging.info("resumed from %s at step %d", ckpt.directory, start - 1)
+  if start == 1:  # a fresh run (not a resume) may start from other parameters
+    state = state.replace(params=initial_params(config.train, state.params,
+                                                state_shardings.params, stage_cfgs[0]))
 
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  writer = MetricsWriter(workdir, enabled=lead)
   bar = _progress(steps)
   bar.update(start - 1)
   history, run = [], None
@@ -148,7 +162,7 @@ def train(config, workdir: str) -> dict:
     run = _Run(config, all_stages[-1], stage_cfgs[-1], tx, mesh, rules, state_shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     eval_loss = evaluate(run.model, state.params, run.data, config.train.eval_batches,
-                         _batch_placer(mesh, rules))
+                         _batch_placer(mesh, rules, run.columns))
   if ckpt is not None:
     ckpt.close()
   steady = [h["tokens_per_sec"] for h in history if not h.get("first_of_stage")]
@@ -163,15 +177,16 @@ def train(config, workdir: str) -> dict:
   }
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
-  with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-    json.dump(summary, f, indent=2)
+  if lead:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
   return summary
 
 
 def _train_stage(config, run, state, start, steps, schedule, mesh, rules, writer, bar, ckpt,
                  history):
   """Steps start..run.stage.last_step; logs, checkpoints, stops cleanly on a signal."""
-  stage, to_device = run.stage, _batch_placer(mesh, rules)
+  stage, to_device = run.stage, _batch_placer(mesh, rules, run.columns)
   tokens_per_step = stage.batch_size * stage.seq_len
   batches = run.data.train_batches()
   window_start, window_tokens = time.perf_counter(), 0
@@ -210,11 +225,12 @@ def _train_stage(config, run, state, start, steps, schedule, mesh, rules, writer
   return state
 
 
-def _batch_placer(mesh, rules):
+def _batch_placer(mesh, rules, columns=slice(None)):
   """Host numpy batch -> global arrays sharded over (data, fsdp) x context. Each process
-  passes its own rows (multi-host: its slice of the global batch)."""
+  passes its own rows (multi-host: its row block of the global batch, and of those only its
+  `columns` when the context axis spans hosts)."""
   shard = sharding.batch_sharding(mesh, rules)
-  return lambda batch: {k: jax.make_array_from_process_local_data(shard, v)
+  return lambda batch: {k: jax.make_array_from_process_local_data(shard, v[:, columns])
                         for k, v in batch.items()}
 
 
