@@ -215,3 +215,37 @@ def ensure_demo_tokenizer(data_dir: str | None = None, vocab_size: int = 1024) -
   if tok.vocab_size != vocab_size:
     raise ValueError(f"{path} has vocab_size={tok.vocab_size}, expected {vocab_size}")
   return tok
+
+
+HF_TOKENIZER_FILE = "tokenizer.model"
+
+
+def load_hf_tokenizer(hf_dir: str) -> Tokenizer:
+  """The sentencepiece ``tokenizer.model`` of a Hugging Face model directory (e.g. LLaMA).
+
+  Its special ids are the file's own (LLaMA: unk 0, bos 1, eos 2, no pad, so
+  ``pad_id`` is -1), not ctxjax's 0..3; packing reads them from the Tokenizer.
+  Raises FileNotFoundError naming the missing file (a directory with only a
+  fast-tokenizer ``tokenizer.json`` has no sentencepiece model to load).
+  """
+  path = os.path.join(hf_dir, HF_TOKENIZER_FILE)
+  if not os.path.isfile(path):
+    have = sorted(os.listdir(hf_dir)) if os.path.isdir(hf_dir) else None
+    raise FileNotFoundError(
+        f"no {HF_TOKENIZER_FILE} at {path}" +
+        (f" (the directory has: {', '.join(have) or 'nothing'})" if have is not None
+         else " (no such directory)"))
+  return load_tokenizer(path)
+
+
+def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
+  """Raises ValueError when the tokenizer's ids do not fit ``model.vocab_size``.
+
+  A smaller tokenizer is fine (embedding rows are often padded to a multiple of
+  128); a larger one would index past the embedding table.
+  """
+  if tokenizer.vocab_size > int(vocab_size):
+    raise ValueError(
+        f"tokenizer {tokenizer.path or ''} has vocab_size={tokenizer.vocab_size}, more "
+        f"than model.vocab_size={int(vocab_size)}: ids >= {int(vocab_size)} would index "
+        f"past the embedding table; set model.vocab_size >= {tokenizer.vocab_size}")

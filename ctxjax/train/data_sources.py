@@ -75,3 +75,5 @@ class _DemoSource:
 
 
 register_source("demo")(_DemoSource)
+
+from ctxjax.data import sources as _mixture_source  # noqa: E402,F401  registers "mixture"
