@@ -64,7 +64,7 @@ def _progress(total: int):
 class _Run:
   """What one stage needs: its model, data, compiled step and batch placer."""
 
-  def __init__(self, config, stage, model_cfg, tx, mesh, rules, state_shardings):
+  def __init__(self, config, stage, model_cfg, tx, mesh, rules, state_shardings, workdir):
     self.stage = stage
     self.model_cfg = model_cfg
     self.model = Transformer(model_cfg)
@@ -80,6 +80,8 @@ class _Run:
     data_cfg.unlock()
     data_cfg.seq_len, data_cfg.batch_size = stage.seq_len, stage.batch_size
     data_cfg.process_index, data_cfg.process_count = shard, count
+    if jax.process_index() == 0 and not data_cfg.get("workdir"):
+      data_cfg.workdir = workdir  # where a source writes its statistics (mixture_stats.json)
     self.data = data_sources.build(data_cfg, model_cfg, seed=config.train.seed)
     self.step = make_train_step(self.model, tx, data_cfg, mesh=mesh, rules=rules,
                                 state_shardings=state_shardings, grad_accum_steps=accum)
@@ -150,7 +152,8 @@ def train(config, workdir: str) -> dict:
   for stage, model_cfg in zip(all_stages, stage_cfgs):
     if stage.last_step < start:
       continue
-    run = _Run(config, stage, model_cfg, tx, mesh, rules, state_shardings)  # compiles once
+    run = _Run(config, stage, model_cfg, tx, mesh, rules, state_shardings,
+               workdir)  # compiles once
     if data_state is not None:
       run.data.restore_train(data_state)
       data_state = None
@@ -159,7 +162,8 @@ def train(config, workdir: str) -> dict:
   bar.close()
 
   if run is None:  # resumed after the last step: evaluate with the last stage's shapes
-    run = _Run(config, all_stages[-1], stage_cfgs[-1], tx, mesh, rules, state_shardings)
+    run = _Run(config, all_stages[-1], stage_cfgs[-1], tx, mesh, rules, state_shardings,
+               workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     eval_loss = evaluate(run.model, state.params, run.data, config.train.eval_batches,
                          _batch_placer(mesh, rules, run.columns))
