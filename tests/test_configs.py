@@ -16,7 +16,10 @@ ARGS = {"tiny_rope_scaling.py": ["linear", "ntk", "dynamic", "yarn", "llama3", "
         "tiny_absolute.py": ["sinusoidal", "learned", "none"],
         "tiny_position_ids.py": ["pose", "randomized"],
         "tiny_attention.py": ["window", "lambda", "lm_infinite", "block_causal", "sinks", "s2",
-                              "dilated"]}
+                              "dilated"],
+        "tiny_mixture.py": ["cut_short", "cut_long", "global_upsample", "per_source_upsample",
+                            "upsample_sources"],
+        "tiny_growlength.py": ["growlength", "fixed"]}
 
 
 def _cases():
