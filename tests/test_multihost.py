@@ -1,5 +1,6 @@
 """Multi-host for real on one machine: two processes x 4 fake CPU devices, collectives over gloo,
-train the same steps as one process with 8 devices and the same global batch."""
+train the same steps as one process with 8 devices and the same global batch, and save one
+joint checkpoint."""
 import json
 import os
 import socket
@@ -9,7 +10,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.save_every=0",
+OVERRIDES = ["--config.train.steps=3", "--config.train.log_every=1", "--config.train.save_every=3",
              "--config.train.eval_batches=1", "--config.optim.warmup_steps=1",
              "--config.model.num_hidden_layers=2", "--config.model.hidden_size=64",
              "--config.model.intermediate_size=128", "--config.model.head_dim=16",
@@ -55,3 +56,4 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(one[0]) == 3 and len(two[0]) == 3
   assert two[0] == pytest.approx(one[0], abs=1e-5), (one, two)
   assert two[1] == pytest.approx(one[1], abs=1e-5), (one, two)
+  assert os.listdir(workdir / "checkpoints") == ["3"]  # one checkpoint, written jointly
