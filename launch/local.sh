@@ -30,5 +30,7 @@ case "$task" in
     [[ " ${args[*]-} " == *" --workdir="* ]] || args=(--workdir=runs/tiny "${args[@]}")
     exec "$py" -m ctxjax.train "${args[@]}" ;;
   test)
-    exec "$py" -m pytest -q "$@" ;;
+    # One pytest worker per core, a test file per worker (module fixtures compile once); most
+    # of the suite is single-threaded XLA compilation, so this is ~2x on a 2-core machine.
+    exec "$py" -m pytest -q -n "${CTXJAX_TEST_WORKERS:-auto}" --dist loadfile "$@" ;;
 esac
