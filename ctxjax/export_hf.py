@@ -2,8 +2,11 @@
 
   python -m ctxjax.export_hf --workdir=DIR --out=DIR [--overwrite] [--tokenizer_model=FILE]
 
-Reads what `python -m ctxjax.import_hf` writes (WORKDIR/model_config.json + the orbax params
-in WORKDIR/hf_import/); `read_workdir` is the one place that knows that layout.
+Reads a training run's workdir (`python -m ctxjax.train`: the newest orbax checkpoint, or
+--step) or what `python -m ctxjax.import_hf` writes (WORKDIR/model_config.json + the orbax params
+in WORKDIR/hf_import/); `read_workdir` is the one place that knows these layouts. LoRA adapters
+(LongLoRA) are merged into the kernels and a quantized base (LongQLoRA) is dequantized; with
+--tokenizer_model, tokenizer_config.json is written too (AutoTokenizer loads the directory).
 """
 from __future__ import annotations
 
@@ -12,10 +15,15 @@ import os
 
 from absl import app, flags, logging
 
+from ctxjax.import_hf import TOKEN_IDS
+
+CHECKPOINTS = "checkpoints"  # ctxjax/train/checkpoint.py: WORKDIR/checkpoints/<step>/
+
 
 def define_flags() -> None:
   """The CLI's flags (defined on demand, so importing this module defines none)."""
-  flags.DEFINE_string("workdir", None, "ctxjax workdir (as written by import_hf).")
+  flags.DEFINE_string("workdir", None, "ctxjax workdir (a training run's, or import_hf's).")
+  flags.DEFINE_integer("step", None, "Checkpoint step of a training run (default: newest).")
   flags.DEFINE_string("out", None, "Output Hugging Face directory.")
   flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
   flags.DEFINE_string("tokenizer_model", None, "sentencepiece model to copy as tokenizer.model.")
@@ -25,32 +33,80 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["workdir", "out"])
 
 
-def read_workdir(workdir: str):
-  """(model, variables, token_ids) from a workdir. Extend here for the trainer's checkpoints."""
-  import jax  # noqa: PLC0415  (heavy imports after flag parsing: `--help` stays fast)
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-  from flax import linen as nn  # noqa: PLC0415
-
-  from ctxjax import import_hf  # noqa: PLC0415
-  from ctxjax.model import Transformer, model_config_from_dict  # noqa: PLC0415
-
+def read_workdir(workdir: str, step: int | None = None):
+  """(model, variables, token_ids) from a workdir, the one place that knows its layouts:
+  a training run's orbax checkpoints (WORKDIR/checkpoints/<step>/{state,meta}, written by
+  ctxjax/train/checkpoint.py: the model config is in `meta`, the parameters in state.params;
+  the newest step unless `step`), else what import_hf writes (model_config.json + hf_import/).
+  Parameters are restored to host numpy arrays; LoRA/quantized ones are merged by hf.save."""
   workdir = os.path.abspath(workdir)
-  config_path = os.path.join(workdir, import_hf.MODEL_CONFIG)
-  params_dir = os.path.join(workdir, import_hf.PARAMS_DIR)
-  for p in (config_path, params_dir):
-    if not os.path.exists(p):
-      raise FileNotFoundError(f"{p} not found (run python -m ctxjax.import_hf first)")
-  with open(config_path, encoding="utf-8") as f:
-    model = Transformer(model_config_from_dict(json.load(f)))
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 1), jax.numpy.int32))
-  params = ocp.StandardCheckpointer().restore(params_dir, nn.meta.unbox(abstract["params"]))
+  if os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
+    model, params = _read_training_checkpoint(os.path.join(workdir, CHECKPOINTS), step)
+  else:
+    if step is not None:
+      raise ValueError(f"--step={step} given, but {workdir} has no {CHECKPOINTS}/ directory")
+    model, params = _read_import(workdir)
   token_ids = None
-  token_path = os.path.join(workdir, import_hf.TOKEN_IDS)
+  token_path = os.path.join(workdir, TOKEN_IDS)
   if os.path.exists(token_path):
     with open(token_path, encoding="utf-8") as f:
       token_ids = {k: v for k, v in json.load(f).items() if v is not None}
   return model, {"params": params}, token_ids
+
+
+def _abstract_params(model):
+  import jax  # noqa: PLC0415  (heavy imports after flag parsing: `--help` stays fast)
+  from flax import linen as nn  # noqa: PLC0415
+  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                            jax.ShapeDtypeStruct((1, 1), jax.numpy.int32))
+  return nn.meta.unbox(abstract["params"])
+
+
+def _read_import(workdir: str):
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from ctxjax import import_hf  # noqa: PLC0415
+  from ctxjax.model import Transformer, model_config_from_dict  # noqa: PLC0415
+
+  config_path = os.path.join(workdir, import_hf.MODEL_CONFIG)
+  params_dir = os.path.join(workdir, import_hf.PARAMS_DIR)
+  for p in (config_path, params_dir):
+    if not os.path.exists(p):
+      raise FileNotFoundError(f"{p} not found: {workdir} holds neither a training run's "
+                              f"{CHECKPOINTS}/ nor an import (run python -m ctxjax.import_hf)")
+  with open(config_path, encoding="utf-8") as f:
+    model = Transformer(model_config_from_dict(json.load(f)))
+  params = ocp.StandardCheckpointer().restore(params_dir, _abstract_params(model))
+  return model, params
+
+
+def _read_training_checkpoint(directory: str, step: int | None):
+  import jax  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from ctxjax.model import Transformer, model_config_from_dict  # noqa: PLC0415
+
+  manager = ocp.CheckpointManager(directory, item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f"--step={step}: {directory} has steps {sorted(steps)}")
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if "model_config" not in meta:
+      raise ValueError(f"{directory}/{step} has no model_config in its metadata")
+    model = Transformer(model_config_from_dict(meta["model_config"]))
+    abstract = _abstract_params(model)
+    host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": abstract}, restore_args={"params": host}, partial_restore=True)))
+  finally:
+    manager.close()
+  return model, restored["state"]["params"]
 
 
 def main(argv):
@@ -60,7 +116,7 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   f = flags.FLAGS
-  model, variables, token_ids = read_workdir(f.workdir)
+  model, variables, token_ids = read_workdir(f.workdir, f.step)
   hf.save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
           max_shard_bytes=f.max_shard_bytes, dtype=f.dtype, token_ids=token_ids)
   files = sorted(os.listdir(f.out))
@@ -69,7 +125,10 @@ def main(argv):
         f"{cfg.num_hidden_layers} layers x hidden {cfg.hidden_size}, "
         f"{f.dtype or cfg.param_dtype}, rope "
         f"{(cfg.rope_scaling or {'rope_type': 'default'})['rope_type']}, "
-        f"max_position_embeddings {cfg.max_position_embeddings}; files {files}")
+        f"max_position_embeddings {cfg.max_position_embeddings}"
+        + (f", LoRA r={cfg.lora_rank} merged" if cfg.lora_rank else "")
+        + (f", {cfg.base_quantization} base dequantized" if cfg.base_quantization != "none"
+           else "") + f"; files {files}")
 
 
 if __name__ == "__main__":

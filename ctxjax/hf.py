@@ -10,6 +10,9 @@ table (ctxjax path, HF name, transform) both directions use, for the scanned (`l
 leading layer axis) and the unrolled (`layers_{i}/...`) layouts. ctxjax is rotate-half like HF,
 so q/k need no permutation; only torch's [out, in] Linear layout is transposed and reshaped.
 
+LoRA adapters (and a quantized LongQLoRA base) are merged into plain kernels by `save`
+(ctxjax.model.lora.merge_lora); with tokenizer.model it also writes tokenizer_config.json.
+
 Dtypes: `load` keeps the checkpoint's dtype (fp32/bf16/fp16) unless `param_dtype` is given,
 in which case every tensor is cast on the host; `save` writes the model's `param_dtype`
 (or `dtype=`), so a checkpoint loaded without casting is written back bit-exactly.
@@ -31,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from absl import logging
 
+from ctxjax.model import lora
 from ctxjax.model.config import DTYPES, ModelConfig, model_config_from_dict
 from ctxjax.model.transformer import Transformer
 from ctxjax.positions.rope import ROPE_TYPES
@@ -525,6 +530,10 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
   from safetensors.numpy import save_file  # noqa: PLC0415 (optional dependency)
 
   cfg = model.cfg
+  if cfg.lora_rank or cfg.base_quantization != "none":  # LongLoRA / LongQLoRA: one plain kernel
+    variables = {"params": lora.merge_lora(variables["params"], cfg)}
+    model = Transformer(lora.base_config(cfg))
+    cfg = model.cfg
   dtype = _dtype_name(dtype, "dtype") or cfg.param_dtype
   if not (isinstance(max_shard_bytes, int) and max_shard_bytes > 0):
     raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
@@ -568,6 +577,8 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
     _write_json(tmp / "generation_config.json", gen)
     if tokenizer_model is not None:
       shutil.copyfile(tokenizer_model, tmp / "tokenizer.model")
+      _write_json(tmp / "tokenizer_config.json",
+                  tokenizer_config(tokenizer_model, hf_config, cfg.max_position_embeddings))
     for f in tmp.iterdir():  # tempfile and safetensors create owner-only files
       os.chmod(f, 0o644)
     os.chmod(tmp, 0o755)
@@ -581,6 +592,41 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+# LLaMA's sentencepiece pieces, used when tokenizer.model cannot be read.
+_LLAMA_PIECES = {"bos_token_id": "<s>", "eos_token_id": "</s>", "pad_token_id": "<pad>",
+                 "unk_token_id": "<unk>"}
+
+
+def tokenizer_config(tokenizer_model, hf_config: Mapping, model_max_length: int) -> dict:
+  """tokenizer_config.json for a sentencepiece tokenizer.model, so that
+  `AutoTokenizer.from_pretrained(dir)` builds a LlamaTokenizer that tokenizes as sentencepiece
+  does: the model's special tokens (pieces looked up by the config's bos/eos/pad ids), BOS
+  added as ctxjax's packing does, and a dummy prefix space only if the model adds one
+  (transformers' converter otherwise always adds it; ctxjax's tokenizers do not)."""
+  ids = {k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  out = {"tokenizer_class": "LlamaTokenizer", "model_max_length": int(model_max_length),
+         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False}
+  try:
+    import sentencepiece as spm  # noqa: PLC0415
+    from sentencepiece import sentencepiece_model_pb2  # noqa: PLC0415
+    data = pathlib.Path(tokenizer_model).read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=data)  # RuntimeError if not a model
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(data)
+    ids["unk_token_id"] = sp.unk_id()
+    out["add_prefix_space"] = bool(proto.normalizer_spec.add_dummy_prefix)
+    piece = lambda key, i: sp.id_to_piece(i)
+  except (ImportError, RuntimeError):
+    logging.warning("%s is not a readable sentencepiece model; tokenizer_config.json names "
+                    "LLaMA's special tokens", tokenizer_model)
+    ids["unk_token_id"] = 0
+    piece = lambda key, i: _LLAMA_PIECES[key]
+  for key, i in ids.items():
+    if i is not None:
+      out[key.replace("_id", "")] = piece(key, int(i))
+  return out
 
 
 def _write_json(path: pathlib.Path, obj) -> None:

@@ -68,6 +68,13 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = True
   remat_policy: str = "none"
+  # Parameter-efficient fine-tuning (LongLoRA / LongQLoRA): ctxjax/model/lora.py, quant.py.
+  lora_rank: int = 0            # 0 = no adapters
+  lora_alpha: float = 16.0      # delta = (lora_alpha / lora_rank) * x A B
+  lora_dropout: float = 0.0     # on the adapter input, training only
+  lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
+  base_quantization: str = "none"  # frozen base kernels stored as none | int8 | nf4
+  quant_block_size: int = 64    # absmax block along the contraction dim
 
   @property
   def rope_scaling(self) -> dict | None:
@@ -99,6 +106,7 @@ class ModelConfig:
     out["attention_options"] = {k: list(v) if isinstance(v, tuple) else v
                                 for k, v in self.attention_options.items()}
     out["attention_pattern"] = self.attention_pattern.to_dict()
+    out["lora_targets"] = list(self.lora_targets)
     return out
 
 
@@ -165,6 +173,9 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
                           impl=merged["attention_impl"], scheme=scheme)
   merged["attention_options_items"] = tuple(sorted(options.items()))
   merged["rope_scaling_items"] = _freeze(rope_scaling)
+  from ctxjax.model import lora, quant
+  lora.validate(merged)
+  quant.validate(merged)
   for key in ("rope_theta", "rms_norm_eps", "initializer_range", "xpos_scale_base", "xpos_gamma"):
     merged[key] = float(merged[key])
   return ModelConfig(**merged)

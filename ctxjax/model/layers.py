@@ -13,13 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctxjax.model import attention_modes
+from ctxjax.model import attention_modes, lora, quant
 from ctxjax.model.config import ModelConfig
 from ctxjax.positions import schemes
-
-
-def _init(cfg: ModelConfig, *names):
-  return nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), names)
 
 
 class RMSNorm(nn.Module):
@@ -38,15 +34,16 @@ class RMSNorm(nn.Module):
 class Mlp(nn.Module):
   """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
   cfg: ModelConfig
+  training: bool = False
 
   @nn.compact
   def __call__(self, x_BTE):
-    cfg = self.cfg
+    cfg, training = self.cfg, self.training
     e, m = cfg.hidden_size, cfg.intermediate_size
-    gate_BTM = Projection(cfg, (e, m), ("embed", "mlp"), name="gate_proj")(x_BTE)
-    up_BTM = Projection(cfg, (e, m), ("embed", "mlp"), name="up_proj")(x_BTE)
+    gate_BTM = Projection(cfg, (e, m), ("embed", "mlp"), training=training, name="gate_proj")(x_BTE)
+    up_BTM = Projection(cfg, (e, m), ("embed", "mlp"), training=training, name="up_proj")(x_BTE)
     h_BTM = nn.with_logical_constraint(nn.silu(gate_BTM) * up_BTM, ("batch", "length", "mlp"))
-    return Projection(cfg, (m, e), ("mlp", "embed"), name="down_proj")(h_BTM)
+    return Projection(cfg, (m, e), ("mlp", "embed"), training=training, name="down_proj")(h_BTM)
 
 
 def matmul_2d(x, kernel, n_in: int = 1):
@@ -61,18 +58,24 @@ def matmul_2d(x, kernel, n_in: int = 1):
 class Projection(nn.Module):
   """A bias-free linear map with an explicitly shaped, logically named kernel (flax's
   DenseGeneral inits kernels flat and reshapes, which breaks per-parameter sharding constraints
-  under a mesh). The kernel's first `n_in` dims contract with x's last `n_in` dims."""
+  under a mesh). The kernel's first `n_in` dims contract with x's last `n_in` dims. The kernel
+  may be a quantized frozen base (quant.py) and carry a LoRA adapter (lora.py)."""
   cfg: ModelConfig
   kernel_shape: tuple[int, ...]
   names: tuple[str, ...]
   n_in: int = 1
+  training: bool = False
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param("kernel", _init(self.cfg, *self.names), self.kernel_shape,
-                        self.cfg.weight_dtype)
-    dtype = self.cfg.compute_dtype
-    return matmul_2d(x.astype(dtype), kernel.astype(dtype), self.n_in)
+    cfg, dtype = self.cfg, self.cfg.compute_dtype
+    kernel = quant.kernel(self, nn.initializers.normal(cfg.initializer_range))
+    y = matmul_2d(x.astype(dtype), kernel.astype(dtype), self.n_in)
+    if lora.applies(cfg, self.name):  # + (alpha / r) * dropout(x) A B
+      a, b = lora.adapter(self)
+      h = matmul_2d(lora.dropout(self, x, self.training).astype(dtype), a.astype(dtype), self.n_in)
+      y = y + lora.scale(cfg) * matmul_2d(h, b.astype(dtype))
+    return y
 
 
 class Attention(nn.Module):
@@ -85,7 +88,7 @@ class Attention(nn.Module):
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     cfg = self.cfg
     proj = lambda heads, names, name: Projection(
-        cfg, (cfg.hidden_size, heads, cfg.head_dim), names, name=name)
+        cfg, (cfg.hidden_size, heads, cfg.head_dim), names, training=self.training, name=name)
     q_BTHD = proj(cfg.num_attention_heads, ("embed", "heads", "head_dim"), "q_proj")(x_BTE)
     k_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTE)
     v_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTE)
@@ -99,7 +102,8 @@ class Attention(nn.Module):
                         v_BTKD, positions_BT, segment_ids_BT, self.training)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
     return Projection(cfg, (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
-                      ("heads", "head_dim", "embed"), n_in=2, name="o_proj")(out_BTHD)
+                      ("heads", "head_dim", "embed"), n_in=2, training=self.training,
+                      name="o_proj")(out_BTHD)
 
 
 class Block(nn.Module):
@@ -113,5 +117,5 @@ class Block(nn.Module):
     h = RMSNorm(self.cfg, name="input_layernorm")(x_BTE)
     x_BTE = x_BTE + Attention(self.cfg, self.training, name="self_attn")(h, positions_BT, segment_ids_BT)
     h = RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTE)
-    x_BTE = x_BTE + Mlp(self.cfg, name="mlp")(h)
+    x_BTE = x_BTE + Mlp(self.cfg, self.training, name="mlp")(h)
     return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))

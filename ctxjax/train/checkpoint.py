@@ -20,7 +20,8 @@ from absl import logging
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim",
                      "tie_word_embeddings", "position_embedding_type", "scan_layers",
-                     "max_position_embeddings_if_learned")
+                     "max_position_embeddings_if_learned", "lora_rank", "lora_targets",
+                     "base_quantization", "quant_block_size")
 
 
 def architecture(model_config: dict) -> dict:
@@ -30,11 +31,12 @@ def architecture(model_config: dict) -> dict:
   return out
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Architecture keys whose values differ, as 'key: saved -> current'."""
+def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+  """Architecture keys whose values differ, as 'key: saved -> current' (keys one side does not
+  record, e.g. from before LoRA existed, and `ignore`d keys are not compared)."""
   a, b = architecture(saved), architecture(current)
-  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-          if a.get(k) != b.get(k)]
+  return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) & set(b))
+          if k not in ignore and a.get(k) != b.get(k)]
 
 
 class Checkpointer:
@@ -143,7 +145,9 @@ def restore_params(workdir: str, abstract_params, *, model_config: dict, step: i
   if step is None:
     raise ValueError(f"config.train.init_from={workdir!r}: no checkpoint under {directory}")
   meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-  diffs = config_differences(meta.get("model_config", {}), model_config)
+  # New LoRA adapters on a plain checkpoint are LongLoRA's start: they keep their init.
+  diffs = config_differences(meta.get("model_config", {}), model_config,
+                             ignore=("lora_rank", "lora_targets"))
   if diffs:
     raise ValueError(f"config.train.init_from={workdir!r} (step {step}) holds a different "
                      f"model; differing model config keys: {'; '.join(diffs)}")

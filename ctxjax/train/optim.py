@@ -1,8 +1,11 @@
-"""AdamW with warmup + cosine/constant/linear decay and global-norm clipping (optax)."""
+"""AdamW with warmup + cosine/constant/linear decay and global-norm clipping (optax), applied to
+the parameters `optim.trainable` selects (all by default; ctxjax/train/trainable.py)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
+
+from ctxjax.train.trainable import only_trainable
 
 SCHEDULES = ("cosine", "constant", "linear")
 
@@ -37,6 +40,9 @@ def _decay_mask(params):
 
 
 def make_optimizer(optim_cfg, total_steps: int):
+  """(tx, schedule). `optim.trainable` (regexes, e.g. LongLoRA's ["lora_", "embed_tokens",
+  "norm"]) restricts training to the matching parameters: the others get no optimizer state,
+  and gradient clipping sees only the trainable gradients."""
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   tx = optax.chain(
       optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
@@ -44,4 +50,4 @@ def make_optimizer(optim_cfg, total_steps: int):
                   eps=float(optim_cfg.get("eps", 1e-8)),
                   weight_decay=float(optim_cfg.weight_decay), mask=_decay_mask),
   )
-  return tx, schedule
+  return only_trainable(tx, list(optim_cfg.get("trainable", None) or ())), schedule

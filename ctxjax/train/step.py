@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from ctxjax.positions import generators
+from ctxjax.train import trainable as trainable_lib
 
 POSITION_IDS = ("data", "randomized", "pose")
 
@@ -96,26 +97,32 @@ def _micro_batches(batch, steps: int):
 
 
 def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
-                    state_shardings=None, grad_accum_steps: int = 1):
+                    state_shardings=None, grad_accum_steps: int = 1, trainable=None):
   """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask,
   the global batch of one optimizer step. With `grad_accum_steps` > 1 it runs as that many
   micro-batches whose summed gradients give exactly the full batch's token-mean loss.
   With a mesh, the step is jit with explicit in/out shardings (pjit semantics) and runs under
   the mesh and logical-axis rules, so the model's activation constraints take effect; the
-  returned function also has `.lower(state, batch)` for AOT compilation."""
+  returned function also has `.lower(state, batch)` for AOT compilation. `trainable`
+  (optim.trainable's regexes) differentiates only those parameters: frozen ones — a LoRA base,
+  LongQLoRA's integer codes — get zero gradients and no backward matmuls for their weights."""
   if int(grad_accum_steps) < 1:
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
 
   def nll_sum_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])
     logits = model.apply({"params": params}, batch["inputs"], positions, batch["segment_ids"],
-                         train=True)
+                         train=True, rngs={"dropout": jax.random.fold_in(rng, 1)})
     loss, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return loss * tokens, tokens
 
   def gradients(params, batch, rng):
     """(token-mean loss, tokens, grads of the token-mean loss) over the whole batch."""
-    grad_fn = jax.value_and_grad(nll_sum_fn, has_aux=True)
+    if trainable:
+      mask = trainable_lib.trainable_mask(params, list(trainable))
+      grad_fn = trainable_lib.value_and_grad(nll_sum_fn, mask, has_aux=True)
+    else:
+      grad_fn = jax.value_and_grad(nll_sum_fn, has_aux=True)
     if grad_accum_steps == 1:
       (nll, tokens), grads = grad_fn(params, batch, rng)
     else:

@@ -84,7 +84,8 @@ class _Run:
       data_cfg.workdir = workdir  # where a source writes its statistics (mixture_stats.json)
     self.data = data_sources.build(data_cfg, model_cfg, seed=config.train.seed)
     self.step = make_train_step(self.model, tx, data_cfg, mesh=mesh, rules=rules,
-                                state_shardings=state_shardings, grad_accum_steps=accum)
+                                state_shardings=state_shardings, grad_accum_steps=accum,
+                                trainable=config.optim.get("trainable", None))
     self.flops_per_token = train_flops_per_token(model_cfg, stage.seq_len)
 
 
