@@ -204,6 +204,26 @@ def bench_memory_point(base, budget):
   return rows
 
 
+def longest_at_memory(budget_bytes, lo, hi, step):
+  """Largest T in [lo, hi] (multiples of `step`) whose ring (zigzag, 8 devices) fwd+bwd plans at
+  most `budget_bytes` per device: bisection on compiled memory_analysis (compile only)."""
+  planned = {}
+
+  def peak(t):
+    if t not in planned:
+      fn, a = _case(f"ring:zigzag:{N_DEV}", t)
+      planned[t] = _memory(_compile(fn, a)[0])["peak_bytes"]
+    return planned[t]
+
+  lo_k, hi_k = lo // step, hi // step
+  if peak(lo_k * step) > budget_bytes:
+    return None, planned
+  while lo_k < hi_k:
+    mid = (lo_k + hi_k + 1) // 2
+    lo_k, hi_k = (mid, hi_k) if peak(mid * step) <= budget_bytes else (lo_k, mid - 1)
+  return lo_k * step, planned
+
+
 def _gib(x):
   return f"{x / 2**30:8.3f}"
 
@@ -263,11 +283,29 @@ def main(argv=None):
   ring_long = by[(f"ring:zigzag:{N_DEV}", N_DEV * args.memory_base)]["peak_bytes"]
   one_short = by[("ring:contiguous:1", args.memory_base)]["peak_bytes"]
   bw_short = by[("blockwise_1dev", args.memory_base)]["peak_bytes"]
+  shard_bytes = BATCH * args.memory_base * HEADS * HEAD_DIM * 4  # one fp32 [B, L, H, D] shard
+  longest, planned = longest_at_memory(bw_short, 2 * args.memory_base, N_DEV * args.memory_base,
+                                       2 * N_DEV * 64)
   summary = {"ring_8dev_at_8L_over_ring_1dev_at_L": ring_long / one_short,
-             "ring_8dev_at_8L_over_blockwise_1dev_at_L": ring_long / bw_short}
+             "ring_8dev_at_8L_over_blockwise_1dev_at_L": ring_long / bw_short,
+             "ring_minus_blockwise_bytes": ring_long - bw_short,
+             "kv_and_dkdv_in_flight_bytes": 4 * shard_bytes,
+             "longest_ring_8dev_T_at_blockwise_1dev_memory": longest,
+             "longest_over_L": None if longest is None else longest / args.memory_base,
+             "bisection_planned_peak_bytes": {str(k): v for k, v in sorted(planned.items())}}
   print(f"  ring 8 dev @ {N_DEV * args.memory_base} / ring 1 dev @ {args.memory_base}: "
         f"{summary['ring_8dev_at_8L_over_ring_1dev_at_L']:.2f}x; / blockwise 1 dev: "
         f"{summary['ring_8dev_at_8L_over_blockwise_1dev_at_L']:.2f}x")
+  print(f"  ring 8 dev - blockwise 1 dev: {(ring_long - bw_short) / 2**20:.1f} MiB; the ring's "
+        f"own buffers (next K/V shard + travelling dK/dV in flight, 4 fp32 shards): "
+        f"{4 * shard_bytes / 2**20:.1f} MiB")
+  if longest is not None:
+    print(f"  longest T for ring on {N_DEV} devices within blockwise's per-device memory at "
+          f"L={args.memory_base}: {longest} = {longest / args.memory_base:.2f} L")
+  met = ring_long <= bw_short
+  print(f"target {'MET' if met else 'NOT MET'}: ring on {N_DEV} devices runs {N_DEV}x longer at "
+        f"equal per-device memory ({summary['ring_8dev_at_8L_over_blockwise_1dev_at_L']:.2f}x "
+        f"blockwise's per-device memory at {N_DEV}x the length)")
   print(f"\nyardstick: {YARDSTICK}")
   result = {
       "benchmark": "attention_ring", "jax": jax.__version__, "platform": platform.machine(),

@@ -5,6 +5,7 @@ pytest process has one device).
 Prints one JSON line per case:
   {"case": "grad", "n", "pattern", "layout", "data", "impl", "err": {out,dq,dk,dv}, "scale"}
   {"case": "registry", ...}  attend(impl=...) inside jit under jax.set_mesh (2-D explicit mesh)
+  {"case": "padded", ...}    shards that need padding to a block multiple
   {"case": "error", "name", "ok", "message"}
 and a final {"case": "done", "seconds"}. Errors (max |ring - reference|) are computed inside jit;
 one compilation per (device count, pattern), all layouts and data variants share it (the layout
@@ -88,9 +89,10 @@ def vjp_all(fn, q, k, v, do):
   return (out,) + tuple(pull(do))
 
 
-def make_check(mesh, n, pattern):
-  """jit: reference on natural order vs ring / all_gather on the permuted layout."""
-  block = T // n // 2  # one zigzag chunk: exercises block skipping inside a shard pair
+def make_check(mesh, n, pattern, block="chunk"):
+  """jit: reference on natural order vs ring / all_gather on the permuted layout. block:
+  "chunk" = one zigzag chunk (exercises block skipping inside a shard pair), None = automatic."""
+  block = T // n // 2 if block == "chunk" else block
 
   @jax.jit
   def check(q, k, v, do, pos, seg, slopes, perm, inv):
@@ -133,6 +135,36 @@ def run_grad_cases():
             emit(case="grad", n=n, pattern=pname, layout=layout, data=dname, impl=impl,
                  err={key: float(val) for key, val in e.items()},
                  scale={key: float(val) for key, val in scale.items()})
+
+
+def run_padded_case():
+  """Shards with no automatic block divisor (37 tokens, default blocks shrunk to 16): the ring
+  pads each shard and the padded K/V blocks travel with the real ones; all_gather pads the
+  gathered keys (blockwise). Packed documents + ALiBi, GQA, sliding window."""
+  from ctxjax.attention import blockwise as bw
+  saved = bw.DEFAULT_BLOCK_Q, bw.DEFAULT_BLOCK_K, bw.MIN_AUTO_BLOCK
+  bw.DEFAULT_BLOCK_Q = bw.DEFAULT_BLOCK_K = 16
+  bw.MIN_AUTO_BLOCK = 8
+  try:
+    n, t = 2, 74
+    mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:n])
+    q, k, v, do = random_inputs(seed=3, t=t)
+    seg = packed_segments(t)
+    pos = packed_positions(seg)
+    for pname, pattern in (("sliding_window", PATTERNS["sliding_window"]),):
+      check = make_check(mesh, n, pattern, block=None)
+      for layout in ("contiguous", "striped"):
+        perm = ring.context_parallel_permutation(t, n, layout)
+        errs, scale = jax.device_get(check(
+            q, k, v, do, jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(SLOPES),
+            jnp.asarray(perm, jnp.int32), jnp.asarray(np.argsort(perm), jnp.int32)))
+        for impl, e in errs.items():
+          emit(case="padded", n=n, pattern=pname, layout=layout, impl=impl,
+               err={key: float(val) for key, val in e.items()},
+               scale={key: float(val) for key, val in scale.items()})
+  finally:
+    bw.DEFAULT_BLOCK_Q, bw.DEFAULT_BLOCK_K, bw.MIN_AUTO_BLOCK = saved
 
 
 def run_registry_case():
@@ -242,13 +274,15 @@ def run_hlo_case():
 
 def main():
   t0 = time.time()
-  which = sys.argv[1:] or ["errors", "hlo", "registry", "grad"]
+  which = sys.argv[1:] or ["errors", "hlo", "registry", "padded", "grad"]
   if "errors" in which:
     run_error_cases()
   if "hlo" in which:
     run_hlo_case()
   if "registry" in which:
     run_registry_case()
+  if "padded" in which:
+    run_padded_case()
   if "grad" in which:
     run_grad_cases()
   emit(case="done", seconds=time.time() - t0, devices=len(jax.devices()))

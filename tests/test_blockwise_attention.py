@@ -1,6 +1,7 @@
 """Blockwise attention == dense reference (values and q/k/v gradients), block skipping, errors."""
 from __future__ import annotations
 
+import collections
 import functools
 
 import jax
@@ -28,6 +29,7 @@ B, D = 2, 16
 CAUSAL = make_pattern("causal")
 FULL = make_pattern("full")
 WINDOW = make_pattern("sliding_window", window=11)
+LAMBDA = make_pattern("lambda", n_global=5, n_local=13)
 
 
 def _inputs(t, h=4, kv=4, seed=0, dtype=jnp.float32, s=None):
@@ -187,7 +189,8 @@ def test_default_blocks_and_padding(monkeypatch):
   q, k, v, do = _inputs(t, seed=5)
   seg = jnp.asarray(np.repeat([[1, 2]], [20, t - 20], axis=1).repeat(B, 0), jnp.int32)
   pos = _arange(t)
-  _compare(q, k, v, do, block_q=None, block_k=None, **_kw(pos, seg, CAUSAL))
+  for pattern in (CAUSAL, LAMBDA):
+    _compare(q, k, v, do, block_q=None, block_k=None, **_kw(pos, seg, pattern))
   sched = jax.jit(lambda p, s: bw.schedule_for(p, p, s, s, pattern=CAUSAL))(pos, seg)
   assert sched.shape == (3, 3) and int(sched.sum()) == 6
 
@@ -224,6 +227,62 @@ def test_visit_counts(n):
   assert packed == 4 * (n // 2) + n % 2  # no cross-document pair is visited
   assert bw.count_visits(pos, pos, one, one, pattern=CAUSAL, block_q=blk,
                          block_k=blk) == causal
+
+
+@pytest.mark.parametrize("pattern", [make_pattern("sliding_window", window=13), LAMBDA],
+                         ids=["window", "lambda"])
+def test_banded_patterns_packed_length_not_multiple_of_window(pattern):
+  """Window / Lambda (window 13 = n_local) with packed documents crossing blocks, positions
+  restarting per document, trailing padding, ALiBi; T = 72 is not a multiple of 13."""
+  t = 72
+  q, k, v, do = _inputs(t, seed=8)
+  seg = _packed_segments(t)
+  _compare(q, k, v, do, block_q=24, block_k=8,
+           **_kw(_packed_positions(seg), seg, pattern, jnp.asarray(_alibi_slopes(4))))
+
+
+@pytest.mark.parametrize("pattern,visits", [
+    (make_pattern("sliding_window", window=24), lambda n: 4 * n - 6),
+    (make_pattern("lambda", n_global=4, n_local=24), lambda n: 5 * n - 10)],
+    ids=["window", "lambda"])
+def test_kernel_runs_linear_number_of_block_pairs(pattern, visits, monkeypatch):
+  """Windowed / Lambda patterns cost O(T * w), not O(T^2): the kernel's forward and backward
+  loops run one step per visible block pair, COUNTED INSIDE THE KERNEL (a host callback in the
+  block-pair functions it calls), and that is linear in the number of blocks n. Blocks of 8,
+  window 24: query block i sees key blocks i-3..i -> 4n - 6 pairs (causal: n(n+1)/2); the
+  Lambda mask adds the sink block 0 -> 5n - 10."""
+  calls = collections.Counter()
+
+  def counted(fn, name):
+    def wrapper(*args, **kwargs):
+      jax.debug.callback(lambda: calls.update([name]))
+      return fn(*args, **kwargs)
+    return wrapper
+
+  monkeypatch.setattr(bw, "online_softmax_update", counted(bw.online_softmax_update, "fwd"))
+  monkeypatch.setattr(bw, "block_backward", counted(bw.block_backward, "bwd"))
+  blk = 8
+  for n in (8, 16):
+    t = n * blk
+    q, k, v, do = _inputs(t, h=1, kv=1)
+    kw = _kw(_arange(t), jnp.ones((B, t), jnp.int32), pattern)
+    calls.clear()
+    grads = jax.jit(lambda q, k, v: jax.vjp(lambda q, k, v: bw.blockwise_attention(
+        q, k, v, block_q=blk, block_k=blk, **kw), q, k, v)[1](do))(q, k, v)
+    jax.block_until_ready(grads)
+    jax.effects_barrier()
+    assert calls["fwd"] == calls["bwd"] == visits(n) < n * (n + 1) // 2, (n, calls)
+    assert bw.count_visits(kw["q_positions"], kw["k_positions"], kw["q_segment_ids"],
+                           kw["k_segment_ids"], pattern=pattern, block_q=blk,
+                           block_k=blk) == visits(n)
+
+
+def test_visit_lists_compact_the_schedule():
+  """Row r of the lists holds exactly the visited columns of row r, in increasing order."""
+  sched = np.random.default_rng(0).random((6, 9)) < 0.4
+  cols, count = (np.asarray(x) for x in bw.visit_lists(jnp.asarray(sched)))
+  for r in range(6):
+    assert cols[r, :count[r]].tolist() == np.flatnonzero(sched[r]).tolist()
 
 
 def test_skipped_blocks_are_not_computed():

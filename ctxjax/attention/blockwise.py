@@ -1,4 +1,4 @@
-"""Blockwise (memory-efficient / flash-style) attention with block skipping.
+"""Blockwise (memory-efficient / flash-style) attention that computes only visible block pairs.
 
 Same contract as `reference` (TECHNIQUES.md §17): float32 scores and softmax whatever the input
 dtype, grouped-query attention by viewing queries as [batch, kv_heads, group, ...] (query head h
@@ -8,26 +8,35 @@ k_pos) from GLOBAL positions, and a row with no visible key outputs 0.
 Algorithm
   * Queries are cut into blocks of `block_q`, keys/values into blocks of `block_k`. Each query
     block keeps an online-softmax state (running max m, denominator l, f32 accumulator) and folds
-    the key blocks in one at a time (`online_softmax_update`), inside `lax.scan`s.
-  * Block skipping. Positions are data, so which (query block, key block) pairs can hold a
-    visible pair is decided at run time from each block's min/max position
-    (`pattern.block_visible`) and min/max segment id (ranges must overlap); the resulting
-    [n_q, n_k] schedule (`visit_schedule`) drives a `lax.cond` per pair, so an invisible pair
-    costs a predicate, not a matmul — in forward and backward. Causal with n blocks visits
-    n(n+1)/2 pairs, a sliding window O(n). A pair is skipped only when it is invisible for every
-    batch row (batch rows share one loop).
+    its visible key blocks in one at a time (online_softmax.py).
+  * Visit lists. Positions are data, so which (query block, key block) pairs can hold a visible
+    pair is decided at run time from each block's min/max position (`pattern.block_visible`)
+    and min/max segment id (ranges must overlap): the bool [n_q, n_k] `visit_schedule`. It is
+    compacted into per-row lists (`visit_lists`: the visible key blocks of each query block, in
+    order, and their count), and the kernel loops over exactly those — a `fori_loop` with a
+    data-dependent trip count that fetches each key block by dynamic index. The backward loops
+    over the transposed lists (for each key block, the query blocks that see it) and adds dq into
+    its query block in place. So the work is the number of visible block pairs, whatever the
+    pattern, positions or packing: causal n(n+1)/2, a window of w ~ n(w/block + 2), Lambda
+    (n_global sinks + n_local window) ~ n(n_local/block + 3), packed documents no cross-document
+    pair — no assumption on the position layout (the per-pair mask is applied inside every
+    visited pair, so the result is exact for any positions). Building the lists costs O(n_q n_k)
+    vectorised bool work, negligible next to a block pair. A pair is skipped only when it is
+    invisible for every batch row (batch rows share one loop).
   * Gradient: `jax.custom_vjp`. The forward saves only (q, k, v, out, lse); the backward
     recomputes each visible block's scores, P = exp(S - lse), and accumulates dq, dk, dv
     (FlashAttention-2 style: dS = P * (dP - rowsum(dO * O))). Activation memory is linear in T.
+    The loops have data-dependent trip counts, so `_forward_blocks` is not reverse-differentiable
+    by itself: gradients go through the custom_vjp (`blockwise_attention`, `attend_with_lse`,
+    ring's own custom_vjp).
 
-Building blocks for the ring kernel (§18) — all take the GLOBAL positions and segment ids of the
-blocks they are given, in the kernel's internal layout (q: [B, K, G, Tq, D], k/v: [B, K, Tk, D],
-state/lse/delta: [B, K, G, Tq]):
-  * `init_state`, `online_softmax_update` (one q-block x kv-block step), `finalize_state`;
-  * `block_backward` (dq, dk, dv contribution of one block pair given the GLOBAL lse and delta);
-  * `blockwise_forward` -> (out [B,T,H,D], lse [B,T,H]; lse = -inf for rows that see no key)
-    and `blockwise_backward` (full-shard backward given global out/lse), which a ring kernel can
-    apply per rotated kv shard; `combine_partials` merges (out, lse) pairs from disjoint keys.
+Building blocks for other kernels. The loops work on a blocked layout (`query_blocks`,
+`key_blocks`, `row_grads`) and carry their state, so a caller can feed key shards one after the
+other: `fold_key_blocks` (forward: online-softmax state across shards) and `backward_key_blocks`
+(gradients added in place) are the ring kernel's step (ring.py). Partial attention
+(partial.attend_with_lse) uses `blockwise_forward` -> (out [B,T,H,D], lse [B,T,H]; lse = -inf
+for rows that see no key) and `blockwise_backward` (a key shard's gradient given the GLOBAL
+out / lse). The block-pair math of online_softmax.py is re-exported here.
 
 Block sizes. Defaults DEFAULT_BLOCK_Q/K = 256, measured fastest on XLA:CPU (fwd+bwd, T 512-4096:
 128 ~ 256 < 512 << whole sequence; score tiles of 256x256 per head stay cache-resident, see
@@ -47,6 +56,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from ctxjax.attention.api import register_implementation
+from ctxjax.attention.online_softmax import (  # noqa: F401  (re-exported: ring, dilated, tests)
+    SoftmaxState, block_backward, block_logits, combine_partials, finalize_state, init_state,
+    merge_partials, online_softmax_update, vary_like)
 from ctxjax.attention.patterns import Pattern
 
 DEFAULT_BLOCK_Q = 256
@@ -54,21 +66,6 @@ DEFAULT_BLOCK_K = 256
 MIN_AUTO_BLOCK = 128
 
 _F32 = jnp.float32
-_NO_MAX = float(jnp.finfo(jnp.float32).min)  # running max before any visible key (finite)
-
-
-def _varying(x) -> frozenset:
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  return frozenset(mat.varying) if mat is not None else frozenset(getattr(aval, "vma", ()))
-
-
-def vary_like(x, *refs):
-  """pcast `x` to vary over every manual (shard_map) axis that any of `refs` varies over, so
-  scan / cond carries keep one type under shard_map(check_vma=True). No-op outside."""
-  want = frozenset().union(*(_varying(r) for r in refs if r is not None))
-  missing = tuple(sorted(want - _varying(x)))
-  return lax.pcast(x, missing, to="varying") if missing else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,151 +96,29 @@ def choose_block(length: int, requested: int | None, default: int, name: str) ->
   return default, -(-length // default) * default
 
 
-def _block_ranges(x_BT, block):
-  """Per-block (min, max) of an int [B, T] array -> two [B, n] arrays."""
-  b, t = x_BT.shape
-  xb = x_BT.reshape(b, t // block, block)
-  return xb.min(-1), xb.max(-1)
-
-
-def visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids, *, pattern: Pattern,
-                   block_q: int, block_k: int):
-  """Bool [n_q, n_k]: which (query block, key block) pairs the kernel computes.
-
-  A pair is visited iff, for some batch row, `pattern.block_visible` holds on the blocks'
-  position ranges AND their segment-id ranges overlap. Everything else is skipped (lax.cond),
-  in forward and backward. This is exactly the schedule the kernel uses.
-  """
-  q_lo, q_hi = _block_ranges(q_positions, block_q)
-  k_lo, k_hi = _block_ranges(k_positions, block_k)
-  qs_lo, qs_hi = _block_ranges(q_segment_ids, block_q)
-  ks_lo, ks_hi = _block_ranges(k_segment_ids, block_k)
-  e = lambda x: x[:, :, None]  # query blocks on axis 1
-  f = lambda x: x[:, None, :]  # key blocks on axis 2
-  vis = jnp.asarray(pattern.block_visible(e(q_lo), e(q_hi), f(k_lo), f(k_hi)))
-  vis = jnp.broadcast_to(vis, (q_lo.shape[0], q_lo.shape[1], k_lo.shape[1]))
-  vis &= (e(qs_lo) <= f(ks_hi)) & (f(ks_lo) <= e(qs_hi))
-  return vis.any(axis=0)
-
-
-def count_visits(q_positions, k_positions, q_segment_ids, k_segment_ids, *, pattern: Pattern,
-                 block_q: int, block_k: int) -> int:
-  """Number of block pairs the kernel computes (forward; the backward visits the same)."""
-  return int(visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids,
-                            pattern=pattern, block_q=block_q, block_k=block_k).sum())
-
-
 # ----------------------------------------------------------------------------------------------
-# One block pair: forward online-softmax step and backward contribution (ring building blocks)
+# Blocked layout: a leading block axis, so a loop reads block i by dynamic index
 # ----------------------------------------------------------------------------------------------
 
-class SoftmaxState(NamedTuple):
-  m: jax.Array    # float32 [B, K, G, Tq]: running max (_NO_MAX until a visible key)
-  l: jax.Array    # float32 [B, K, G, Tq]: running denominator sum exp(s - m)
-  acc: jax.Array  # float32 [B, K, G, Tq, D]: running sum exp(s - m) v
+class QueryBlocks(NamedTuple):
+  q: jax.Array    # [n_q, B, K, G, bq, D]
+  pos: jax.Array  # int [n_q, B, bq]: GLOBAL positions
+  seg: jax.Array  # int [n_q, B, bq]: segment ids
 
 
-def init_state(q_BKGTD, *vary_refs) -> SoftmaxState:
-  shape = q_BKGTD.shape[:-1]
-  v = lambda x: vary_like(x, q_BKGTD, *vary_refs)
-  return SoftmaxState(v(jnp.full(shape, _NO_MAX, _F32)), v(jnp.zeros(shape, _F32)),
-                      v(jnp.zeros(q_BKGTD.shape, _F32)))
+class KeyBlocks(NamedTuple):
+  k: jax.Array    # [n_k, B, K, bk, D]
+  v: jax.Array    # [n_k, B, K, bk, D]
+  pos: jax.Array  # int [n_k, B, bk]
+  seg: jax.Array  # int [n_k, B, bk]
 
 
-def block_logits(q_BKGTD, k_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *, pattern, scale,
-                 alibi_slopes_KG=None):
-  """Float32 scores [B, K, G, Tq, Tk] of one block pair; invisible pairs are -inf."""
-  s = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=_F32) * scale
-  q_pos = q_pos_BT[:, None, None, :, None]
-  k_pos = k_pos_BS[:, None, None, None, :]
-  mask = pattern.mask(q_pos, k_pos)
-  mask &= q_seg_BT[:, None, None, :, None] == k_seg_BS[:, None, None, None, :]
-  if alibi_slopes_KG is not None:
-    slopes = jnp.asarray(alibi_slopes_KG, _F32)[None, :, :, None, None]
-    s = s - slopes * (q_pos - k_pos).astype(_F32)  # ALiBi from global positions
-  return jnp.where(mask, s, -jnp.inf)
+class RowGrads(NamedTuple):
+  """What the backward reads per query row: the output cotangent and the GLOBAL statistics."""
+  do: jax.Array     # float32 [n_q, B, K, G, bq, D]
+  lse: jax.Array    # float32 [n_q, B, K, G, bq]
+  delta: jax.Array  # float32 [n_q, B, K, G, bq]: rowsum(dO * O) (minus any lse cotangent)
 
-
-def online_softmax_update(state: SoftmaxState, q_BKGTD, k_BKSD, v_BKSD, q_pos_BT, k_pos_BS,
-                          q_seg_BT, k_seg_BS, *, pattern, scale, alibi_slopes_KG=None):
-  """Fold one key/value block into a query block's online-softmax state (§17)."""
-  s = block_logits(q_BKGTD, k_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, pattern=pattern,
-                   scale=scale, alibi_slopes_KG=alibi_slopes_KG)
-  m_new = jnp.maximum(state.m, s.max(axis=-1))  # finite: state.m starts at _NO_MAX
-  p = jnp.exp(s - m_new[..., None])             # masked (-inf) -> 0
-  alpha = jnp.exp(state.m - m_new)
-  l_new = state.l * alpha + p.sum(axis=-1)
-  pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_BKSD.dtype), v_BKSD,
-                  preferred_element_type=_F32)
-  return SoftmaxState(m_new, l_new, state.acc * alpha[..., None] + pv)
-
-
-def finalize_state(state: SoftmaxState):
-  """-> (out float32 [B,K,G,T,D], lse float32 [B,K,G,T]); rows with no visible key: 0, -inf."""
-  seen = state.l > 0
-  out = state.acc / jnp.where(seen, state.l, 1.0)[..., None]
-  lse = jnp.where(seen, state.m + jnp.log(jnp.where(seen, state.l, 1.0)), -jnp.inf)
-  return out, lse
-
-
-def block_backward(q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKGT, delta_BKGT, q_pos_BT, k_pos_BS,
-                   q_seg_BT, k_seg_BS, *, pattern, scale, alibi_slopes_KG=None):
-  """Gradient contribution of one block pair -> float32 (dq [B,K,G,Tq,D], dk, dv [B,K,Tk,D]).
-
-  `lse` and `delta` = rowsum(dO * O) must be the GLOBAL ones (over all keys of the row);
-  lse = -inf (row sees no key anywhere) is handled. Inputs are expected in float32.
-
-  Scores are recomputed key-major, [B, K, Tk, G, Tq], so that dk = dS^T q and dv = P^T dO are
-  plain row-major matmuls (measured ~15-25% faster on XLA:CPU than the query-major layout,
-  which needs two transposed-lhs matmuls). `pattern.mask` is therefore called on positions
-  shaped [B, 1, Tk, 1, Tq] / [B, 1, 1, 1, Tq]: patterns must be elementwise and broadcasting
-  (as patterns.py requires), not assume a (Tq, Tk) trailing layout.
-  """
-  lse = jnp.where(jnp.isneginf(lse_BKGT), jnp.inf, lse_BKGT)  # empty row: P = 0, not NaN
-  st = jnp.einsum("bksd,bkgtd->bksgt", k_BKSD, q_BKGTD, preferred_element_type=_F32) * scale
-  q_pos = q_pos_BT[:, None, None, None, :]
-  k_pos = k_pos_BS[:, None, :, None, None]
-  mask = pattern.mask(q_pos, k_pos)
-  mask &= q_seg_BT[:, None, None, None, :] == k_seg_BS[:, None, :, None, None]
-  if alibi_slopes_KG is not None:
-    slopes = jnp.asarray(alibi_slopes_KG, _F32)[None, :, None, :, None]
-    st = st - slopes * (q_pos - k_pos).astype(_F32)  # same expression as block_logits
-  st = jnp.where(mask, st, -jnp.inf)
-  pt = jnp.exp(st - lse[:, :, None])  # P^T
-  dv = jnp.einsum("bksgt,bkgtd->bksd", pt, do_BKGTD, preferred_element_type=_F32)
-  dpt = jnp.einsum("bksd,bkgtd->bksgt", v_BKSD, do_BKGTD, preferred_element_type=_F32)
-  dst = pt * (dpt - delta_BKGT[:, :, None]) * scale  # dS^T (scale folded in)
-  dk = jnp.einsum("bksgt,bkgtd->bksd", dst, q_BKGTD, preferred_element_type=_F32)
-  dq = jnp.einsum("bksgt,bksd->bkgtd", dst, k_BKSD, preferred_element_type=_F32)
-  return dq, dk, dv
-
-
-def merge_partials(partials):
-  """Mix [(out [..., D], lse [...]), ...] by softmax over lse -> (out float32, lse).
-
-  Exact attention over the union when the partials' key sets are disjoint; entries with
-  lse = -inf get weight 0; if every lse is -inf: out 0, lse -inf. NaN-free gradients.
-  """
-  lse_N = jnp.stack([lse.astype(_F32) for _, lse in partials])
-  top = lax.stop_gradient(jnp.max(lse_N, axis=0))  # a pure shift: cancels exactly
-  top = jnp.where(jnp.isfinite(top), top, 0.0)
-  e_N = jnp.where(jnp.isneginf(lse_N), 0.0, jnp.exp(lse_N - top))
-  total = e_N.sum(axis=0)
-  seen = total > 0
-  safe = jnp.where(seen, total, 1.0)
-  out = sum((e / safe)[..., None] * o.astype(_F32) for e, (o, _) in zip(e_N, partials))
-  return out, jnp.where(seen, top + jnp.log(safe), -jnp.inf)
-
-
-def combine_partials(out_a, lse_a, out_b, lse_b):
-  """Merge two partial attentions over disjoint key sets (any layout; lse has out's shape[:-1])."""
-  out, lse = merge_partials([(out_a, lse_a), (out_b, lse_b)])
-  return out.astype(out_a.dtype), lse
-
-
-# ----------------------------------------------------------------------------------------------
-# Whole-sequence kernels (block loops)
-# ----------------------------------------------------------------------------------------------
 
 def _q_blocks(x_BTKGD, block):
   """[B, T, K, G, D] -> [n, B, K, G, block, D]."""
@@ -251,7 +126,8 @@ def _q_blocks(x_BTKGD, block):
   return x_BTKGD.reshape(b, t // block, block, k, g, d).transpose(1, 0, 3, 4, 2, 5)
 
 
-def _q_unblocks(x_nBKGbD):
+def q_unblocks(x_nBKGbD):
+  """[n, B, K, G, block, D] -> [B, T, K, G, D]."""
   n, b, k, g, blk, d = x_nBKGbD.shape
   return x_nBKGbD.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * blk, k, g, d)
 
@@ -262,7 +138,8 @@ def _kv_blocks(x_BSKD, block):
   return x_BSKD.reshape(b, s // block, block, k, d).transpose(1, 0, 3, 2, 4)
 
 
-def _kv_unblocks(x_nBKbD):
+def kv_unblocks(x_nBKbD):
+  """[n, B, K, block, D] -> [B, S, K, D]."""
   n, b, k, blk, d = x_nBKbD.shape
   return x_nBKbD.transpose(1, 0, 3, 2, 4).reshape(b, n * blk, k, d)
 
@@ -273,85 +150,185 @@ def _row_blocks(x_BT, block):
   return x_BT.reshape(b, t // block, block).transpose(1, 0, 2)
 
 
-def _stat_blocks(x_BTKG, block):
+def stat_blocks(x_BTKG, block):
   """[B, T, K, G] -> [n, B, K, G, block]."""
   b, t, k, g = x_BTKG.shape
   return x_BTKG.reshape(b, t // block, block, k, g).transpose(1, 0, 3, 4, 2)
 
 
-def _stat_unblocks(x_nBKGb):
+def stat_unblocks(x_nBKGb):
+  """[n, B, K, G, block] -> [B, T, K, G]."""
   n, b, k, g, blk = x_nBKGb.shape
   return x_nBKGb.transpose(1, 0, 4, 2, 3).reshape(b, n * blk, k, g)
+
+
+def query_blocks(q_BTKGD, positions_BT, segment_ids_BT, block) -> QueryBlocks:
+  return QueryBlocks(_q_blocks(q_BTKGD, block), _row_blocks(positions_BT, block),
+                     _row_blocks(segment_ids_BT, block))
+
+
+def key_blocks(k_BSKD, v_BSKD, positions_BS, segment_ids_BS, block) -> KeyBlocks:
+  return KeyBlocks(_kv_blocks(k_BSKD, block), _kv_blocks(v_BSKD, block),
+                   _row_blocks(positions_BS, block), _row_blocks(segment_ids_BS, block))
+
+
+def row_grads(do_BTKGD, lse_BTKG, delta_BTKG, block) -> RowGrads:
+  return RowGrads(_q_blocks(do_BTKGD, block), stat_blocks(lse_BTKG, block),
+                  stat_blocks(delta_BTKG, block))
+
+
+# ----------------------------------------------------------------------------------------------
+# The visit schedule and its lists
+# ----------------------------------------------------------------------------------------------
+
+def block_schedule(q_pos_nBb, q_seg_nBb, k_pos_nBb, k_seg_nBb, *, pattern: Pattern):
+  """Bool [n_q, n_k] from blocked positions / segment ids ([n, B, block]); see visit_schedule."""
+  lo_hi = lambda x: (x.min(-1), x.max(-1))  # [n, B] each
+  (q_lo, q_hi), (k_lo, k_hi) = lo_hi(q_pos_nBb), lo_hi(k_pos_nBb)
+  (qs_lo, qs_hi), (ks_lo, ks_hi) = lo_hi(q_seg_nBb), lo_hi(k_seg_nBb)
+  e = lambda x: x[:, None, :]  # query blocks on axis 0
+  f = lambda x: x[None, :, :]  # key blocks on axis 1
+  vis = jnp.asarray(pattern.block_visible(e(q_lo), e(q_hi), f(k_lo), f(k_hi)))
+  vis = jnp.broadcast_to(vis, (q_lo.shape[0], k_lo.shape[0], q_lo.shape[1]))
+  vis &= (e(qs_lo) <= f(ks_hi)) & (f(ks_lo) <= e(qs_hi))
+  return vis.any(axis=-1)
+
+
+def visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids, *, pattern: Pattern,
+                   block_q: int, block_k: int):
+  """Bool [n_q, n_k]: which (query block, key block) pairs the kernel computes.
+
+  A pair is visited iff, for some batch row, `pattern.block_visible` holds on the blocks'
+  position ranges AND their segment-id ranges overlap. Everything else is never computed, in
+  forward and backward (the kernel loops over `visit_lists` of this schedule).
+  """
+  return block_schedule(_row_blocks(q_positions, block_q), _row_blocks(q_segment_ids, block_q),
+                        _row_blocks(k_positions, block_k), _row_blocks(k_segment_ids, block_k),
+                        pattern=pattern)
+
+
+def visit_lists(schedule):
+  """Compact a bool [rows, cols] schedule into the lists the kernel's loops run over.
+
+  -> (cols int32 [rows, cols]: row r's visited columns in increasing order, then the others
+  (never read); count int32 [rows]: how many are visited). The forward uses the schedule's
+  lists (key blocks per query block), the backward those of its transpose.
+  """
+  count = schedule.sum(axis=1, dtype=jnp.int32)
+  cols = jnp.argsort(jnp.logical_not(schedule), axis=1, stable=True).astype(jnp.int32)
+  return cols, count
+
+
+def count_visits(q_positions, k_positions, q_segment_ids, k_segment_ids, *, pattern: Pattern,
+                 block_q: int, block_k: int) -> int:
+  """Number of block pairs the kernel computes (forward; the backward visits the same)."""
+  _, count = visit_lists(visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids,
+                                        pattern=pattern, block_q=block_q, block_k=block_k))
+  return int(count.sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Block loops (also the ring kernel's inner step: state and gradients are carried across calls)
+# ----------------------------------------------------------------------------------------------
+
+def _take(blocks, index):
+  """The `index`-th block of each stacked [n, ...] array (dynamic index: one block copied)."""
+  return tuple(lax.dynamic_index_in_dim(x, index, 0, keepdims=False) for x in blocks)
+
+
+def _put(blocks, values, index):
+  """Write one block into each stacked array (in place inside a loop carry)."""
+  return tuple(lax.dynamic_update_index_in_dim(x, y, index, 0) for x, y in zip(blocks, values))
+
+
+def init_blocked_state(qb: QueryBlocks, *vary_refs) -> SoftmaxState:
+  """Empty online-softmax state of every query block: [n_q, B, K, G, bq(, D)]."""
+  return init_state(qb.q, qb.pos, qb.seg, *vary_refs)
+
+
+def fold_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, pattern, scale,
+                    alibi_slopes_KG=None) -> SoftmaxState:
+  """Fold every visible key block of `kb` into the blocked state of `qb` (forward).
+
+  Query-major: for query block i, loop over its visit list (a data-dependent trip count) and
+  fetch each key block by index; the state is updated in place. `finalize_state` -> out, lse.
+  """
+  cols, count = visit_lists(block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern))
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
+
+  def q_step(i, state):
+    q_i, qp_i, qs_i = _take(qb, i)
+
+    def visit(t, st):  # the t-th visible key block of query block i
+      k_j, v_j, kp_j, ks_j = _take(kb, cols[i, t])
+      return online_softmax_update(st, q_i, k_j, v_j, qp_i, kp_j, qs_i, ks_j, **kw)
+
+    state_i = lax.fori_loop(0, count[i], visit, SoftmaxState(*_take(state, i)))
+    return SoftmaxState(*_put(state, state_i, i))
+
+  return lax.fori_loop(0, qb.q.shape[0], q_step, state)
+
+
+def backward_key_blocks(grads, qb: QueryBlocks, rg: RowGrads, kb: KeyBlocks, *, pattern, scale,
+                        alibi_slopes_KG=None):
+  """Add the gradient of every visible block pair to grads = (dq [n_q, B,K,G,bq,D],
+  dk, dv [n_k, B,K,bk,D]) float32, blocked (backward; lse / delta must be the GLOBAL ones).
+
+  Key-major: for key block j, loop over the query blocks that see it (the transposed visit
+  lists), accumulating its dk/dv in the loop carry and adding dq into query block i in place.
+  """
+  rows, count = visit_lists(
+      block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
+
+  def k_step(j, grads):
+    dq, dk, dv = grads
+    k_j, v_j, kp_j, ks_j = _take(kb, j)
+
+    def visit(t, carry):  # the t-th query block that sees key block j
+      dk_j, dv_j, dq = carry
+      i = rows[j, t]
+      (q_i, qp_i, qs_i), (do_i, lse_i, delta_i) = _take(qb, i), _take(rg, i)
+      dq_i, dk_ij, dv_ij = block_backward(q_i, k_j, v_j, do_i, lse_i, delta_i, qp_i, kp_j, qs_i,
+                                          ks_j, **kw)
+      (dq_old,) = _take((dq,), i)
+      (dq,) = _put((dq,), (dq_old + dq_i,), i)
+      return dk_j + dk_ij, dv_j + dv_ij, dq
+
+    dk_j, dv_j = _take((dk, dv), j)
+    dk_j, dv_j, dq = lax.fori_loop(0, count[j], visit, (dk_j, dv_j, dq))
+    dk, dv = _put((dk, dv), (dk_j, dv_j), j)
+    return dq, dk, dv
+
+  return lax.fori_loop(0, kb.k.shape[0], k_step, tuple(grads))
+
+
+def zeros_grads(qb: QueryBlocks, kb: KeyBlocks, *vary_refs):
+  """float32 zeros (dq, dk, dv) in the blocked layout, typed like the inputs under shard_map."""
+  z = lambda x: vary_like(jnp.zeros(x.shape, _F32), *qb, *kb, *vary_refs)
+  return z(qb.q), z(kb.k), z(kb.v)
 
 
 def _forward_blocks(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes_KG, *, pattern, scale, block_q,
                     block_k):
   """q [B,T,K,G,D], k/v [B,S,K,D] -> out f32 [B,T,K,G,D], lse f32 [B,T,K,G]."""
-  vis = visit_schedule(q_pos, k_pos, q_seg, k_seg, pattern=pattern, block_q=block_q,
-                       block_k=block_k)
-  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=slopes_KG)
-  kv_xs = (_kv_blocks(k, block_k), _kv_blocks(v, block_k), _row_blocks(k_pos, block_k),
-           _row_blocks(k_seg, block_k))
-
-  def q_step(_, xs):
-    q_i, qp_i, qs_i, vis_i = xs
-
-    def k_step(state, ys):
-      k_j, v_j, kp_j, ks_j, vis_ij = ys
-      state = lax.cond(
-          vis_ij,
-          lambda st: online_softmax_update(st, q_i, k_j, v_j, qp_i, kp_j, qs_i, ks_j, **kw),
-          lambda st: st, state)
-      return state, None
-
-    state, _ = lax.scan(k_step, init_state(q_i, *kv_xs, qp_i, qs_i, slopes_KG), kv_xs + (vis_i,))
-    return None, finalize_state(state)
-
-  _, (out, lse) = lax.scan(
-      q_step, None,
-      (_q_blocks(q, block_q), _row_blocks(q_pos, block_q), _row_blocks(q_seg, block_q), vis))
-  return _q_unblocks(out), _stat_unblocks(lse)
+  qb = query_blocks(q, q_pos, q_seg, block_q)
+  kb = key_blocks(k, v, k_pos, k_seg, block_k)
+  state = fold_key_blocks(init_blocked_state(qb, *kb, slopes_KG), qb, kb, pattern=pattern,
+                          scale=scale, alibi_slopes_KG=slopes_KG)
+  out, lse = finalize_state(state)
+  return q_unblocks(out), stat_unblocks(lse)
 
 
 def _backward_blocks(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, slopes_KG, *, pattern,
                      scale, block_q, block_k):
   """float32 q/do [B,T,K,G,D], k/v [B,S,K,D], lse/delta [B,T,K,G] -> float32 dq, dk, dv."""
-  vis = visit_schedule(q_pos, k_pos, q_seg, k_seg, pattern=pattern, block_q=block_q,
-                       block_k=block_k)
-  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=slopes_KG)
-  q_xs = (_q_blocks(q, block_q), _q_blocks(do, block_q), _stat_blocks(lse, block_q),
-          _stat_blocks(delta, block_q), _row_blocks(q_pos, block_q), _row_blocks(q_seg, block_q))
-  k_blk = _kv_blocks(k, block_k)
-
-  def k_step(dq_acc, xs):
-    k_j, v_j, kp_j, ks_j, vis_j = xs
-
-    def q_step(carry, ys):
-      q_i, do_i, lse_i, delta_i, qp_i, qs_i, vis_ij = ys
-
-      def visit(c):
-        dq_i, dk_i, dv_i = block_backward(q_i, k_j, v_j, do_i, lse_i, delta_i, qp_i, kp_j,
-                                          qs_i, ks_j, **kw)
-        return (c[0] + dk_i, c[1] + dv_i), dq_i
-
-      refs = (q_i, k_j, v_j, do_i, lse_i, delta_i, qp_i, kp_j, qs_i, ks_j, slopes_KG)
-
-      def skip(c):
-        return c, vary_like(jnp.zeros(q_i.shape, _F32), *refs)
-
-      return lax.cond(vis_ij, visit, skip, carry)
-
-    refs = (k_j, v_j, kp_j, ks_j) + q_xs + (slopes_KG,)
-    zeros_kv = vary_like(jnp.zeros(k_j.shape, _F32), *refs)
-    (dk_j, dv_j), dq_parts = lax.scan(q_step, (zeros_kv, zeros_kv), q_xs + (vis_j,))
-    return dq_acc + dq_parts, (dk_j, dv_j)
-
-  dq, (dk, dv) = lax.scan(
-      k_step, vary_like(jnp.zeros(q_xs[0].shape, _F32), q, k, v, do, lse, delta, q_pos, k_pos,
-                        q_seg, k_seg, slopes_KG),
-      (k_blk, _kv_blocks(v, block_k), _row_blocks(k_pos, block_k), _row_blocks(k_seg, block_k),
-       vis.T))
-  return _q_unblocks(dq), _kv_unblocks(dk), _kv_unblocks(dv)
+  qb = query_blocks(q, q_pos, q_seg, block_q)
+  kb = key_blocks(k, v, k_pos, k_seg, block_k)
+  rg = row_grads(do, lse, delta, block_q)
+  dq, dk, dv = backward_key_blocks(zeros_grads(qb, kb, *rg, slopes_KG), qb, rg, kb,
+                                   pattern=pattern, scale=scale, alibi_slopes_KG=slopes_KG)
+  return q_unblocks(dq), kv_unblocks(dk), kv_unblocks(dv)
 
 
 # ----------------------------------------------------------------------------------------------

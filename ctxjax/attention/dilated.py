@@ -1,13 +1,7 @@
-"""LongNet dilated attention (Ding et al. 2023; TECHNIQUES.md section 8), and partial attention
-(out, lse) with exact gradients, the building block it shares with LM-Infinite.
+"""LongNet dilated attention (Ding et al. 2023; TECHNIQUES.md section 8).
 
-Partial attention
-  `attend_with_lse` returns (out, lse) of one key set and is differentiable in q, k, v through
-  BOTH outputs: "reference" differentiates the dense math; "blockwise" is a `jax.custom_vjp`
-  over `blockwise_forward` / `blockwise_backward` whose backward folds the lse cotangent into
-  delta (dS = P * (dP - (rowsum(dO * O) - dlse)), since d lse / d s = P). `merge_partials`
-  mixes partials by softmax over their lse (weights = softmax denominators): over disjoint key
-  sets this IS attention over their union, values and gradients.
+Each branch is one partial attention (out, lse) with exact gradients (`partial.attend_with_lse`,
+shared with LM-Infinite); branches are mixed by `merge_partials` (softmax over their lse).
 
 Dilated attention (torchscale `component/dilated_attention.py`, semantics kept)
   * Branch (w, r): token index t (in the row) lies in segment t // w' (w' = min(w, T)); the
@@ -33,79 +27,11 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from ctxjax.attention import blockwise as bw
+from ctxjax.attention.partial import IMPLS, attend_with_lse, merge_partials  # noqa: F401
 from ctxjax.attention.patterns import Causal
-from ctxjax.attention.reference import attention_logits
-
-merge_partials = bw.merge_partials  # re-exported: lm_infinite and tests import it here
-_F32 = jnp.float32
-IMPLS = ("reference", "blockwise")
-
-
-# ----------------------------------------------------------------------------------------------
-# Partial attention with lse, and mixing
-# ----------------------------------------------------------------------------------------------
-
-def _reference_with_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale):
-  b, t, h, d = q.shape
-  num_kv = k.shape[2]
-  logits, mask = attention_logits(
-      q.reshape(b, t, num_kv, h // num_kv, d), k, scale=scale, q_positions_BT=q_pos,
-      k_positions_BS=k_pos, q_segment_ids_BT=q_seg, k_segment_ids_BS=k_seg, pattern=pattern,
-      alibi_slopes_H=slopes)                                         # [B, K, G, T, S]
-  lse = jax.nn.logsumexp(logits, axis=-1)                            # finite (masked finite)
-  probs = jnp.where(mask, jnp.exp(logits - lse[..., None]), 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(_F32), preferred_element_type=_F32)
-  lse = jnp.where(mask.any(axis=-1), lse, -jnp.inf)
-  return out.reshape(b, t, h, d), lse.transpose(0, 3, 1, 2).reshape(b, t, h)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _blockwise_with_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale):
-  return bw.blockwise_forward(q, k, v, q_positions=q_pos, k_positions=k_pos,
-                              q_segment_ids=q_seg, k_segment_ids=k_seg, pattern=pattern,
-                              alibi_slopes=slopes, scale=scale)
-
-
-def _blockwise_with_lse_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale):
-  out, lse = _blockwise_with_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale)
-  return (out, lse), (q, k, v, out, lse, q_pos, k_pos, q_seg, k_seg, slopes)
-
-
-def _blockwise_with_lse_bwd(pattern, scale, res, cotangents):
-  q, k, v, out, lse, q_pos, k_pos, q_seg, k_seg, slopes = res
-  d_out, d_lse = cotangents
-  delta = jnp.sum(d_out.astype(_F32) * out, axis=-1) - d_lse.astype(_F32)
-  dq, dk, dv = bw.blockwise_backward(
-      q, k, v, out, lse, d_out, q_positions=q_pos, k_positions=k_pos, q_segment_ids=q_seg,
-      k_segment_ids=k_seg, pattern=pattern, alibi_slopes=slopes, scale=scale, delta_BTH=delta)
-  d_slopes = None if slopes is None else jnp.zeros_like(slopes)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None,
-          d_slopes)
-
-
-_blockwise_with_lse.defvjp(_blockwise_with_lse_fwd, _blockwise_with_lse_bwd)
-
-
-def attend_with_lse(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
-                    k_segment_ids, pattern, alibi_slopes=None, impl="reference", scale=None):
-  """Partial attention -> (out float32 [B,T,H,D], lse float32 [B,T,H]), same contract as
-  `attend` (GQA, segments, ALiBi from positions); rows with no visible key: out 0, lse -inf.
-
-  Differentiable (exactly) in q, k, v through out AND lse. impl: "reference" | "blockwise".
-  """
-  if impl not in IMPLS:
-    raise ValueError(f"attend_with_lse impl={impl!r}; valid choices: {list(IMPLS)}")
-  scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
-  slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, _F32)
-  fn = _reference_with_lse if impl == "reference" else _blockwise_with_lse
-  return fn(q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids,
-            slopes, pattern, scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,21 +23,21 @@ import jax.numpy as jnp
 
 from ctxjax.attention import blockwise
 from ctxjax.attention.api import register_implementation
+from ctxjax.attention.reference import visibility_and_alibi
 
 _SPLASH_BLOCK = 128
 
 
 def _mask_and_bias(q_positions, k_positions, q_segment_ids, k_segment_ids, pattern, alibi_slopes,
                    num_heads):
-  """Dense [B, 1, T, S] visibility mask and [B, H, T, S] ALiBi bias (or None)."""
-  q_pos, k_pos = q_positions[:, None, :, None], k_positions[:, None, None, :]
-  mask = pattern.mask(q_pos, k_pos)
-  mask &= q_segment_ids[:, None, :, None] == k_segment_ids[:, None, None, :]
-  bias = None
+  """Dense [B, 1, T, S] visibility mask and [B, H, T, S] ALiBi bias (or None): the reference's
+  rule (`visibility_and_alibi`) on jax.nn.dot_product_attention's [B, H, T, S] layout."""
+  slopes = None
   if alibi_slopes is not None:
     slopes = jnp.asarray(alibi_slopes, jnp.float32).reshape(1, num_heads, 1, 1)
-    bias = -slopes * (q_pos - k_pos).astype(jnp.float32)
-  return mask, bias
+  return visibility_and_alibi(pattern, q_positions[:, None, :, None], k_positions[:, None, None, :],
+                              q_segment_ids[:, None, :, None], k_segment_ids[:, None, None, :],
+                              slopes)
 
 
 def _dpa(implementation, q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids,

@@ -22,7 +22,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from ctxjax.attention.dilated import attend_with_lse, merge_partials
+from ctxjax.attention.partial import attend_with_lse, merge_partials
 from ctxjax.attention.patterns import Pattern, SlidingWindow
 
 

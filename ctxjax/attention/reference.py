@@ -14,20 +14,34 @@ from ctxjax.attention.api import register_implementation
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps gradients NaN-free
 
 
+def visibility_and_alibi(pattern, q_pos, k_pos, q_seg, k_seg, slopes=None):
+  """The visibility rule and ALiBi bias that every kernel applies, on any score layout.
+
+  Arguments are already shaped to broadcast against the kernel's score array (each kernel has
+  its own layout: [B,K,G,T,S] here, [B,H,T,S] in fused, [B,K,S,G,T] in blockwise's backward).
+  -> (mask: pattern.mask(q_pos, k_pos) & same segment, bias: -slopes * (q_pos - k_pos) float32
+  from GLOBAL positions (ALiBi, Press et al. 2022), or None without slopes).
+  """
+  mask = pattern.mask(q_pos, k_pos) & (q_seg == k_seg)
+  if slopes is None:
+    return mask, None
+  return mask, -jnp.asarray(slopes, jnp.float32) * (q_pos - k_pos).astype(jnp.float32)
+
+
 def attention_logits(q_BTKGD, k_BSKD, *, scale, q_positions_BT, k_positions_BS, q_segment_ids_BT,
                      k_segment_ids_BS, pattern, alibi_slopes_H=None):
   """Masked float32 logits [B, K, G, T, S] and the boolean mask (shared with tests/kernels)."""
   logits = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k_BSKD,
                       preferred_element_type=jnp.float32) * scale
-  q_pos = q_positions_BT[:, None, None, :, None]
-  k_pos = k_positions_BS[:, None, None, None, :]
-  mask = pattern.mask(q_pos, k_pos)
-  mask &= q_segment_ids_BT[:, None, None, :, None] == k_segment_ids_BS[:, None, None, None, :]
+  _, _, num_kv, group, _ = q_BTKGD.shape
+  slopes = None
   if alibi_slopes_H is not None:
-    _, _, num_kv, group, _ = q_BTKGD.shape
     slopes = jnp.asarray(alibi_slopes_H, jnp.float32).reshape(1, num_kv, group, 1, 1)
-    # ALiBi from global positions (Press et al. 2022): -m_h * (i - j).
-    logits = logits - slopes * (q_pos - k_pos).astype(jnp.float32)
+  mask, bias = visibility_and_alibi(
+      pattern, q_positions_BT[:, None, None, :, None], k_positions_BS[:, None, None, None, :],
+      q_segment_ids_BT[:, None, None, :, None], k_segment_ids_BS[:, None, None, None, :], slopes)
+  if bias is not None:
+    logits = logits + bias
   return jnp.where(mask, logits, _MASKED), mask
 
 

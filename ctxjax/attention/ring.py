@@ -8,25 +8,31 @@ exact under any token layout — contiguous, zigzag or striped (see `reorder_for
 Kernels (call INSIDE `jax.shard_map` over the sequence axis; local shapes q [B, Tq/n, H, D],
 k/v [B, Tk/n, K, D], positions / segment ids [B, T/n]):
   * `ring_attention`: each device keeps its query shard; the K/V shard, together with its
-    positions and segment ids, travels round the ring with `lax.ppermute` (n steps). Each step
-    folds one K/V shard into the local (out, lse) with `blockwise.blockwise_forward` and
-    `blockwise.combine_partials`. A shard pair that the pattern / segment ids make invisible
-    (decided at run time from the shards' position and segment ranges, `blockwise.visit_schedule`
-    with one block per shard) is skipped with `lax.cond`; inside a visible pair the blockwise
-    kernel skips invisible (block_q x block_k) pairs itself, which is where the zigzag/striped
-    layouts save their half. Gradient: `jax.custom_vjp`; the forward saves (q, k, v, out, lse)
-    and the backward replays the ring, rotating dK/dV accumulators together with K/V (after n
-    steps they are back on their owner) and calling `blockwise.blockwise_backward` per visible
-    shard pair with the GLOBAL lse and delta = rowsum(dO * O) (as haoliuhl/ringattention).
-    Per-device memory is O(T/n): one query shard, K/V and dK/dV shards current + in flight
-    (compiled fwd+bwd at T/n = 2048: ~1.5x single-device blockwise at T = 2048,
-    benchmarks/attention_ring.py).
+    positions and segment ids, travels round the ring with `lax.ppermute` (n steps), in
+    blockwise's blocked layout (blocked once per call, not per step). The forward is ONE online
+    softmax over the ring: the local queries' blocked state (running max, denominator, float32
+    accumulator) is carried across the steps and each arriving shard is folded in with
+    `blockwise.fold_key_blocks`, which visits only the shard pair's visible (block_q x block_k)
+    pairs — where the zigzag/striped layouts save their half; a shard pair with none is skipped
+    (`lax.cond`). Gradient: `jax.custom_vjp`; the forward saves (q, k, v, out, lse) and the
+    backward replays the ring, rotating float32 dK/dV accumulators together with K/V (after n
+    steps they are back on their owner) and adding each visible block pair's gradient in place
+    (`blockwise.backward_key_blocks`) with the GLOBAL lse and delta = rowsum(dO * O) (as
+    haoliuhl/ringattention).
+    Per-device memory is O(T/n). Compiled fwd+bwd (8 heads x 64, fp32), ring on 8 devices at
+    T = 16K needs 1.25x the per-device memory of blockwise on one device at T = 2K: the ring's
+    own buffers are the K/V shard in flight (the next shard is received while the current one
+    is used) and, in the backward, the dK/dV accumulators travelling with K/V plus their copies
+    in flight — four shard-sized buffers that a single device does not have
+    (benchmarks/attention_ring.py, benchmarks/README.md).
   * `all_gather_attention`: all-gather K/V (+ positions, segment ids) over the axis, then
     blockwise attention on the local queries (MaxText's default strategy). Autodiff transposes
     the all-gather into a reduce-scatter of dK/dV. Per-device memory O(T) for K/V.
 
-Block sizes inside a shard pair: blockwise's automatic choice, but a shard no longer than 256
-is cut in two so that a zigzag shard's two chunks are separate blocks (`_auto_block`).
+Block sizes inside a shard pair: blockwise's automatic choice (a shard with no divisor in range
+is padded; padded tokens get segment ids below every real one on the axis), but a shard no
+longer than 256 is cut in two so that a zigzag shard's two chunks are separate blocks
+(`_auto_block`).
 
 Convenience: `context_parallel_attend(..., mesh, axis_name, strategy, spec)` wraps either kernel
 in `jax.shard_map`; `attend(..., impl="ring" | "all_gather")` (registered when this module is
@@ -65,12 +71,10 @@ LAYOUTS = ("contiguous", "zigzag", "striped")
 HEAD_AXES = ("tensor", "model", "tp")
 
 _F32 = jnp.float32
-# shard_map's varying-manual-axes check (check_vma=True) needs every scan/cond carry typed as
-# varying over the sharded axis. This module's own carries are (`_vary_like`); blockwise.py's
-# internal ones are only once it pcasts its zero-initialised carries (it then exposes
-# `vary_like`). Until then the wrapper runs with check_vma=False, and a caller that invokes
-# `ring_attention` / `all_gather_attention` inside its own shard_map must do the same.
-BLOCKWISE_CHECKS_VMA = hasattr(bw, "vary_like")
+# shard_map's varying-manual-axes check (check_vma=True) needs every scan/cond/while carry typed
+# as varying over the sharded axis; blockwise.py and this module pcast their zero-initialised
+# carries (`vary_like`), so the wrapper runs with the check on.
+BLOCKWISE_CHECKS_VMA = True
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,23 +169,6 @@ def _axis_size(axis_name: str) -> int:
         f"jax.shard_map over a mesh with that axis, or use context_parallel_attend") from err
 
 
-def _varying(x) -> frozenset:
-  """Manual mesh axes over which `x` varies (jax 0.10: aval.manual_axis_type.varying)."""
-  aval = jax.typeof(x)
-  mat = getattr(aval, "manual_axis_type", None)
-  if mat is not None:
-    return frozenset(mat.varying)
-  return frozenset(getattr(aval, "vma", ()))  # older jax
-
-
-def _vary_like(x, *refs):
-  """pcast `x` to varying over every manual axis any of `refs` varies over (scan/cond carries
-  must keep one type under shard_map's check_vma)."""
-  want = frozenset().union(*(_varying(r) for r in refs if r is not None))
-  missing = tuple(sorted(want - _varying(x)))
-  return lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _auto_block(length: int, requested):
   """Block size within one shard. None -> blockwise's automatic choice, except that a shard no
   longer than the default block is cut in two (>= 64): zigzag shards are two chunks and a
@@ -191,12 +178,6 @@ def _auto_block(length: int, requested):
   if length <= bw.DEFAULT_BLOCK_Q and length % 2 == 0 and length // 2 >= 64:
     return length // 2
   return None
-
-
-def _shard_visible(q_pos, k_pos, q_seg, k_seg, pattern):
-  """Scalar bool: may any (q, k) pair of these two whole shards be visible?"""
-  return bw.visit_schedule(q_pos, k_pos, q_seg, k_seg, pattern=pattern,
-                           block_q=q_pos.shape[1], block_k=k_pos.shape[1])[0, 0]
 
 
 def _check_local(q, k, q_pos, k_pos, q_seg, k_seg):
@@ -216,34 +197,67 @@ def _check_local(q, k, q_pos, k_pos, q_seg, k_seg):
 # Ring attention (custom_vjp)
 # ----------------------------------------------------------------------------------------------
 
+def _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, block_q, block_k):
+  """Local shards -> blockwise's blocked layout (bw.QueryBlocks, bw.KeyBlocks), once per call.
+
+  Shards with no automatic block divisor are padded (as blockwise does) with segment ids below
+  every real one on the whole axis: padded queries see no key, padded keys reach no query —
+  also after the K/V blocks have travelled to another device.
+  """
+  tq, tk = q.shape[1], k.shape[1]
+  bq, q_pad = bw.choose_block(tq, block_q, bw.DEFAULT_BLOCK_Q, "block_q")
+  bk, k_pad = bw.choose_block(tk, block_k, bw.DEFAULT_BLOCK_K, "block_k")
+  if (q_pad, k_pad) != (tq, tk):
+    base = lax.pmin(jnp.minimum(q_seg.min(), k_seg.min()), axis_name)
+    rows = lambda x, n, fill: jnp.concatenate(
+        [x, jnp.broadcast_to(fill, (x.shape[0], n - x.shape[1]) + x.shape[2:]).astype(x.dtype)],
+        axis=1)
+    q, q_pos, q_seg = rows(q, q_pad, 0), rows(q_pos, q_pad, q_pos[:, -1:]), rows(
+        q_seg, q_pad, base - 1)
+    k, v = rows(k, k_pad, 0), rows(v, k_pad, 0)
+    k_pos, k_seg = rows(k_pos, k_pad, k_pos[:, -1:]), rows(k_seg, k_pad, base - 2)
+  qg = q.reshape(q.shape[:2] + (k.shape[2], q.shape[2] // k.shape[2], q.shape[3]))
+  return (bw.query_blocks(qg, q_pos, q_seg, bq), bw.key_blocks(k, v, k_pos, k_seg, bk), bq,
+          q_pad - tq)
+
+
+def _pad_rows(x, pad):
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def _slopes_KG(slopes, q, k):
+  return None if slopes is None else slopes.reshape(k.shape[2], q.shape[2] // k.shape[2])
+
+
 def _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, axis_name,
                    block_q, block_k):
-  """-> out float32 [B,T,H,D], lse float32 [B,T,H] over the keys of every device."""
+  """-> out float32 [B,T,H,D], lse float32 [B,T,H] over the keys of every device.
+
+  One online softmax over the whole ring: the blocked state of the local queries is carried
+  across the n steps and each arriving K/V shard is folded in (`bw.fold_key_blocks`, which
+  visits only its visible block pairs); a shard pair with no visible block pair is skipped.
+  """
   n = _axis_size(axis_name)
   perm = [(j, (j + 1) % n) for j in range(n)]
-  kw = dict(pattern=pattern, alibi_slopes=slopes, scale=scale, block_q=block_q,
-            block_k=block_k)
-  refs = (q, k, v, q_pos, k_pos, q_seg, k_seg, slopes)
-  out0 = _vary_like(jnp.zeros(q.shape, _F32), *refs)
-  lse0 = _vary_like(jnp.full(q.shape[:-1], -jnp.inf, _F32), *refs)
+  qb, kb, _, q_extra = _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name,
+                                       block_q, block_k)
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, k))
 
   def step(carry, _):
-    out, lse, kv = carry
+    state, kb_t = carry
     # Send the current shard on before computing with it (lets XLA overlap the transfer).
-    nxt = tuple(lax.ppermute(x, axis_name, perm) for x in kv)
-    k_t, v_t, kp_t, ks_t = kv
+    nxt = bw.KeyBlocks(*(lax.ppermute(x, axis_name, perm) for x in kb_t))
+    visible = bw.block_schedule(qb.pos, qb.seg, kb_t.pos, kb_t.seg, pattern=pattern).any()
+    state = lax.cond(visible, lambda st: bw.fold_key_blocks(st, qb, kb_t, **kw),
+                     lambda st: st, state)
+    return (state, nxt), None
 
-    def visit(o_l):
-      o_t, l_t = bw.blockwise_forward(q, k_t, v_t, q_positions=q_pos, k_positions=kp_t,
-                                      q_segment_ids=q_seg, k_segment_ids=ks_t, **kw)
-      return bw.combine_partials(o_l[0], o_l[1], o_t, l_t)
-
-    out, lse = lax.cond(_shard_visible(q_pos, kp_t, q_seg, ks_t, pattern), visit,
-                        lambda o_l: o_l, (out, lse))
-    return (out, lse, nxt), None
-
-  (out, lse, _), _ = lax.scan(step, (out0, lse0, (k, v, k_pos, k_seg)), None, length=n)
-  return out, lse
+  state0 = bw.init_blocked_state(qb, *kb, slopes)
+  (state, _), _ = lax.scan(step, (state0, kb), None, length=n)
+  out, lse = bw.finalize_state(state)
+  b, t, h, d = q.shape
+  out = bw.q_unblocks(out).reshape(b, t + q_extra, h, d)[:, :t]
+  return out, bw.stat_unblocks(lse).reshape(b, t + q_extra, h)[:, :t]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
@@ -263,34 +277,36 @@ def _ring_core_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, 
 
 
 def _ring_core_bwd(pattern, scale, axis_name, block_q, block_k, res, d_out):
+  """Replay the ring: K/V travel as in the forward and their float32 dK/dV accumulators travel
+  with them (after n hops they are back on the owning device); dq stays local. Each step adds
+  the visible block pairs' gradients in place (`bw.backward_key_blocks`) with the GLOBAL lse
+  and delta = rowsum(dO * O) (as haoliuhl/ringattention)."""
   q, k, v, out, lse, q_pos, k_pos, q_seg, k_seg, slopes = res
   n = _axis_size(axis_name)
   perm = [(j, (j + 1) % n) for j in range(n)]
-  kw = dict(pattern=pattern, alibi_slopes=slopes, scale=scale, block_q=block_q,
-            block_k=block_k)
-  delta = jnp.sum(d_out.astype(_F32) * out.astype(_F32), axis=-1)  # global: same every step
-  refs = (q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, d_out, lse)
-  dq0 = _vary_like(jnp.zeros(q.shape, _F32), *refs)
-  dkv0 = _vary_like(jnp.zeros(k.shape, _F32), *refs)
+  b, t, h, d = q.shape
+  num_kv, tk = k.shape[2], k.shape[1]
+  f32 = lambda x: x.astype(_F32)
+  qb, kb, bq, q_extra = _blocked_shards(f32(q), f32(k), f32(v), q_pos, k_pos, q_seg, k_seg,
+                                        axis_name, block_q, block_k)
+  delta = jnp.sum(f32(d_out) * f32(out), axis=-1)  # global: the same at every step
+  grouped = lambda x: _pad_rows(x, q_extra).reshape((b, t + q_extra, num_kv, -1) + x.shape[3:])
+  rg = bw.row_grads(grouped(f32(d_out)), grouped(f32(lse)), grouped(delta), bq)
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, k))
 
   def step(carry, _):
-    dq, kv, dk, dv = carry
-    nxt = tuple(lax.ppermute(x, axis_name, perm) for x in kv)
-    k_t, v_t, kp_t, ks_t = kv
-
-    def visit(acc):
-      dq_t, dk_t, dv_t = bw.blockwise_backward(
-          q, k_t, v_t, out, lse, d_out, q_positions=q_pos, k_positions=kp_t, q_segment_ids=q_seg,
-          k_segment_ids=ks_t, delta_BTH=delta, **kw)
-      return acc[0] + dq_t, acc[1] + dk_t, acc[2] + dv_t
-
-    dq, dk, dv = lax.cond(_shard_visible(q_pos, kp_t, q_seg, ks_t, pattern), visit,
-                          lambda acc: acc, (dq, dk, dv))
-    # dK/dV travel with their K/V; after n hops they are back on the owning device.
+    dq, kb_t, dk, dv = carry
+    nxt = bw.KeyBlocks(*(lax.ppermute(x, axis_name, perm) for x in kb_t))
+    visible = bw.block_schedule(qb.pos, qb.seg, kb_t.pos, kb_t.seg, pattern=pattern).any()
+    dq, dk, dv = lax.cond(visible, lambda g: bw.backward_key_blocks(g, qb, rg, kb_t, **kw),
+                          lambda g: g, (dq, dk, dv))
     dk, dv = (lax.ppermute(x, axis_name, perm) for x in (dk, dv))
     return (dq, nxt, dk, dv), None
 
-  (dq, _, dk, dv), _ = lax.scan(step, (dq0, (k, v, k_pos, k_seg), dkv0, dkv0), None, length=n)
+  dq0, dk0, dv0 = bw.zeros_grads(qb, kb, *rg, slopes)
+  (dq, _, dk, dv), _ = lax.scan(step, (dq0, kb, dk0, dv0), None, length=n)
+  dq = bw.q_unblocks(dq).reshape(b, t + q_extra, h, d)[:, :t]
+  dk, dv = (bw.kv_unblocks(x)[:, :tk] for x in (dk, dv))
   d_slopes = None if slopes is None else jnp.zeros_like(slopes)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None,
           d_slopes)
@@ -307,7 +323,7 @@ def ring_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segmen
   Same arguments as `attend` (local shards; positions / segment ids GLOBAL values), plus the
   axis and the blockwise block sizes used within one shard pair (None = automatic). Returns the
   local output shard [B, Tq/n, H, D] in q's dtype. ALiBi slopes are constants (zero cotangent).
-  The enclosing shard_map needs check_vma=False unless BLOCKWISE_CHECKS_VMA (see above).
+  Works inside shard_map with check_vma=True or False.
   """
   _check_local(q, k, q_positions, k_positions, q_segment_ids, k_segment_ids)
   _axis_size(axis_name)
