@@ -9,6 +9,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as _cf
 
 from ctxjax.model import Transformer, model_config_from_dict
+from ctxjax.train.sharding import MESH_AXES
 from ctxjax.train.step import POSITION_IDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +42,12 @@ def test_config_validates_and_traces(path, arg):
   cfg = model_config_from_dict(config.model)
   assert config.data.position_ids in POSITION_IDS
   tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
-  logits = jax.eval_shape(lambda t: Transformer(cfg).init_with_output(
-      jax.random.PRNGKey(0), t)[0], tokens)
+  # A one-device mesh with the trainer's axes: context-parallel recipes (attention_impl ring /
+  # all_gather) look their axis up while tracing.
+  mesh = jax.sharding.AbstractMesh((1, 1, 1, 1), MESH_AXES)
+  with jax.sharding.use_abstract_mesh(mesh):
+    logits = jax.eval_shape(lambda t: Transformer(cfg).init_with_output(
+        jax.random.PRNGKey(0), t)[0], tokens)
   assert logits.shape == (config.data.batch_size, config.data.seq_len, cfg.vocab_size)
 
 

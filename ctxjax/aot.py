@@ -1,0 +1,309 @@
+"""Ahead-of-time pod checks: compile a recipe's full train step for hardware you do not have.
+
+  python -m ctxjax.aot --config=configs/llama2_7b_80k.py --topology=v5p-128 [--stage=i] [--mfu=0.4]
+  python -m ctxjax.aot --config=configs/llama2_7b_8xh100.py --devices=cpu:8
+  python -m ctxjax.aot --config=configs/lwm_1m.py     # the recipe's own config.aot target
+
+TPU mode: libtpu describes the topology's chips (jax.experimental.topologies, no TPU attached);
+the train step (parameters, AdamW state and the batch at the recipe's / stage's shapes, sharded
+by the recipe's mesh) is lowered and compiled by the real TPU compiler on this CPU host. It
+prints per-chip HBM (XLA's memory_analysis), FLOPs per step (the model's 6N + attention count;
+XLA's cost_analysis too, which counts each loop body once, so it is no total with scanned
+layers) and the step time at a stated MFU, and exits 1 when a stage does not fit the chip's HBM
+(MaxText's train_compile.py does the same for its configs).
+
+CPU mode (`--devices=cpu:N`): N fake CPU devices with the recipe's mesh — a shape and sharding
+consistency check for GPU recipes; the memory figures are XLA:CPU's buffer assignment, shown
+against the H100's 80 GB as an indication only (GPU fusion and buffers differ), never a verdict.
+
+Kernels: `attention_impl="auto"` resolves on the HOST's backend, so TPU mode compiles the
+blockwise XLA kernel where a TPU run would use splash (ctxjax/attention/fused.py); context
+parallelism ("ring"/"all_gather") is the same code on every backend.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ctxjax.train import topology as topo
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<recipe>.py file.",
+                                          lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU product name: v4-N, v5p-N (N TensorCores), "
+                                "v5e-N / v5litepod-N, v6e-N (N chips). Default: config.aot.")
+_DEVICES = flags.DEFINE_string("devices", None, "cpu:N — N fake CPU devices (GPU recipes' "
+                               "shape/sharding check) instead of --topology.")
+_STAGE = flags.DEFINE_integer("stage", None, "Check only this stage (default: every stage).")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+_JSON = flags.DEFINE_string("json", None, "Merge the results into this JSON file (a list).")
+flags.mark_flags_as_required(["config"])
+
+GiB = topo.GiB
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """What we compile for: its devices, the chip they stand for, and a label."""
+  label: str
+  devices: list
+  chip: topo.ChipSpec
+  memory_verdict: bool     # False on fake CPU devices: XLA:CPU's buffers are not the GPU's
+
+
+def parse_devices(spec: str) -> int:
+  match = re.fullmatch(r"cpu:(\d+)", spec or "")
+  if not match or int(match.group(1)) < 1:
+    raise ValueError(f"--devices={spec!r}; valid form: cpu:N with N >= 1 (e.g. cpu:8)")
+  return int(match.group(1))
+
+
+def tpu_target(name: str) -> Target:
+  t = topo.parse_topology(name)
+  label = f"{t.name} ({t.libtpu_topology}, {t.num_chips} chips)"
+  return Target(label, topo.topology_devices(t), t.chip, True)
+
+
+def cpu_target(count: int) -> Target:
+  import jax
+  devices = jax.devices("cpu")
+  if len(devices) != count:
+    raise ValueError(f"--devices=cpu:{count} but JAX has {len(devices)} CPU devices (the CPU "
+                     f"backend was started before the flag took effect)")
+  return Target(f"{count} fake CPU devices (GPU recipe check, H100 figures)", devices, topo.H100,
+                False)
+
+
+def stage_model_config(config, stage):
+  """The model of one stage: config.model with the stage's positional overrides."""
+  from ctxjax.model import model_config_from_dict
+  model = config.model.copy_and_resolve_references()
+  model.unlock()
+  for key, value in stage.model_overrides.items():
+    model[key] = value
+  return model_config_from_dict(model)
+
+
+def abstract_batch(batch_size: int, seq_len: int, sharding) -> dict:
+  import jax
+  import jax.numpy as jnp
+  shape = (batch_size, seq_len)
+  out = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+         for k in ("inputs", "targets", "positions", "segment_ids")}
+  out["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
+  return out
+
+
+def memory_report(memory, hbm_bytes: int) -> dict:
+  """Per-device bytes from XLA's memory_analysis; total = arguments + outputs - aliased
+  (the donated state is updated in place) + temporaries + generated code."""
+  out = {"arguments_bytes": memory.argument_size_in_bytes,
+         "outputs_bytes": memory.output_size_in_bytes,
+         "aliased_bytes": memory.alias_size_in_bytes,
+         "temporaries_bytes": memory.temp_size_in_bytes,
+         "code_bytes": memory.generated_code_size_in_bytes}
+  total = (out["arguments_bytes"] + out["outputs_bytes"] - out["aliased_bytes"]
+           + out["temporaries_bytes"] + out["code_bytes"])
+  return {**out, "total_gib": total / GiB, "capacity_gib": hbm_bytes / GiB,
+          "fits": total <= hbm_bytes}
+
+
+def lower_stage(config, stage, devices):
+  """(lowered train step, model config, mesh) for one stage on `devices`: parameters, AdamW
+  state and the batch as abstract arrays sharded by the recipe's mesh (nothing allocated)."""
+  import jax
+  from ctxjax.model import Transformer
+  from ctxjax.train import sharding
+  from ctxjax.train import stages as stages_lib
+  from ctxjax.train.optim import make_optimizer
+  from ctxjax.train.step import abstract_train_state, make_train_step
+
+  model_cfg = stage_model_config(config, stage)
+  mesh_cfg = config.get("mesh", None) or {}
+  mesh = sharding.create_mesh(mesh_cfg, devices)
+  rules = sharding.logical_rules(mesh_cfg)
+  sharding.check_batch_divisible(mesh, stage.batch_size, stage.seq_len)
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.unlock()
+  data_cfg.seq_len, data_cfg.batch_size = stage.seq_len, stage.batch_size
+  model = Transformer(model_cfg)
+  tx, _ = make_optimizer(config.optim, stages_lib.total_steps(stages_lib.resolve_stages(config)))
+  # ring/all_gather attention look the mesh up while tracing init; an abstract mesh, because
+  # eager ops under a concrete one would try to run on the (absent) TPU devices.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    state, state_shardings = abstract_train_state(model, tx, stage.batch_size, stage.seq_len,
+                                                  mesh=mesh, rules=rules)
+  step = make_train_step(model, tx, data_cfg, mesh=mesh, rules=rules,
+                         state_shardings=state_shardings,
+                         grad_accum_steps=int(config.train.get("grad_accum_steps", 1)))
+  batch = abstract_batch(stage.batch_size, stage.seq_len, sharding.batch_sharding(mesh, rules))
+  return step.lower(state, batch), model_cfg, mesh
+
+
+def check_stage(config, stage, target: Target, mfu: float) -> dict:
+  """Lower and compile stage `stage` of `config` for `target`; the report as a dict."""
+  from ctxjax.model.flops import param_count, train_flops_per_token
+
+  start = time.perf_counter()
+  lowered, model_cfg, mesh = lower_stage(config, stage, target.devices)
+  lower_sec = time.perf_counter() - start
+  try:
+    compiled, compile_error = lowered.compile(), None
+  except Exception as err:  # noqa: BLE001  (the TPU compiler rejects programs over HBM)
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    compiled, compile_error = None, str(err).strip().splitlines()[0][:400]
+  compile_sec = time.perf_counter() - start - lower_sec
+
+  tokens = stage.batch_size * stage.seq_len
+  model_flops = train_flops_per_token(model_cfg, stage.seq_len) * tokens
+  chips = len(target.devices)
+  step_sec = model_flops / (chips * target.chip.peak_flops * mfu)
+  report = {
+      "stage": stage.index, "target": target.label,
+      "devices": chips, "mesh": dict(mesh.shape), "attention_impl": model_cfg.attention_impl,
+      "params": param_count(model_cfg)["total"], "seq_len": stage.seq_len,
+      "batch_size": stage.batch_size, "tokens_per_step": tokens,
+      "grad_accum_steps": int(config.train.get("grad_accum_steps", 1)),
+      "rope_theta": model_cfg.rope_theta, "steps": stage.steps,
+      "lower_sec": round(lower_sec, 1), "compile_sec": round(compile_sec, 1),
+      "model_flops_per_step": model_flops, "mfu": mfu,
+      "peak_flops_per_chip": target.chip.peak_flops, "est_step_sec": step_sec,
+      "est_tokens_per_sec": tokens / step_sec, "est_stage_hours": step_sec * stage.steps / 3600,
+      "memory_verdict": target.memory_verdict,
+  }
+  if compiled is None:
+    report.update(fits=False, compile_error=compile_error)
+    return report
+  report.update(memory_report(compiled.memory_analysis(), target.chip.hbm_bytes))
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and "flops" in cost:
+    # Per-device program; XLA counts a while-loop body (the layer scan) once, not per trip.
+    report["xla_flops_per_step"] = float(cost["flops"]) * chips
+  if not target.memory_verdict:
+    report["fits"] = None
+  return report
+
+
+def format_report(r: dict) -> str:
+  lines = [f"{r['config']} stage {r['stage']} on {r['target']}",
+           f"  model     {r['params'] / 1e6:,.1f}M params, seq_len {r['seq_len']}, global batch "
+           f"{r['batch_size']} ({r['tokens_per_step']:,} tokens), grad_accum "
+           f"{r['grad_accum_steps']}, rope_theta {r['rope_theta']:g}",
+           f"  mesh      {r['mesh']}, attention {r['attention_impl']}",
+           f"  compile   lower {r['lower_sec']} s + compile {r['compile_sec']} s"]
+  if "compile_error" in r:
+    lines.append(f"  HBM/chip  the compiler refused the program: {r['compile_error']}")
+  else:
+    gib = {k: r[f"{k}_bytes"] / GiB for k in ("arguments", "outputs", "aliased", "temporaries",
+                                               "code")}
+    lines.append(f"  HBM/chip  arguments {gib['arguments']:.2f} + outputs {gib['outputs']:.2f}"
+                 f" - aliased {gib['aliased']:.2f} + temporaries {gib['temporaries']:.2f}"
+                 f" + code {gib['code']:.2f} = {r['total_gib']:.2f} GiB of "
+                 f"{r['capacity_gib']:.1f} GiB")
+  xla = r.get("xla_flops_per_step")
+  lines.append(f"  FLOPs     {r['model_flops_per_step']:.3e}/step (model: 6N + attention)"
+               + (f"; XLA cost analysis {xla:.3e} (loop bodies counted once)" if xla else ""))
+  lines.append(f"  time      {r['est_step_sec']:.3g} s/step at MFU {r['mfu']:g} "
+               f"({r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s peak x {r['devices']}) -> "
+               f"{r['est_tokens_per_sec']:,.0f} tokens/s; {r['steps']} steps = "
+               f"{r['est_stage_hours']:.3g} h")
+  if r["fits"] is None:
+    lines.append("  verdict   shapes and shardings compile (XLA:CPU memory is indicative only)")
+  else:
+    lines.append(f"  verdict   {'FITS' if r['fits'] else 'DOES NOT FIT'}")
+  return "\n".join(lines)
+
+
+def merge_json(path: str, reports: list[dict]) -> None:
+  """Replace earlier results for the same (config, stage, target); keep the rest."""
+  old = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      old = json.load(f)
+  key = lambda r: (r["config"], r["stage"], r["target"])
+  new_keys = {key(r) for r in reports}
+  merged = [r for r in old if key(r) not in new_keys] + reports
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(merged, f, indent=1)
+    f.write("\n")
+
+
+def choose_target(config, topology: str | None, devices: str | None) -> tuple:
+  """(topology, devices): the flags, else the recipe's own `config.aot` (exactly one set)."""
+  if topology is None and devices is None:
+    recipe = config.get("aot", None) or {}
+    topology, devices = recipe.get("topology", None), recipe.get("devices", None)
+  if (topology is None) == (devices is None):
+    raise ValueError("give exactly one of --topology (TPU) and --devices=cpu:N (or set "
+                     "config.aot.topology / config.aot.devices in the recipe)")
+  return topology, devices
+
+
+def run(config, *, name: str = "", topology: str | None, devices: str | None, stage: int | None,
+        mfu: float, emit=lambda report: None) -> list[dict]:
+  """Check the selected stages (each report also goes to `emit` as soon as it is ready);
+  raises ValueError on bad flags or configs."""
+  from ctxjax.train import stages as stages_lib
+  topology, devices = choose_target(config, topology, devices)
+  if not 0 < mfu <= 1:
+    raise ValueError(f"--mfu={mfu}; it must lie in (0, 1]")
+  all_stages = stages_lib.resolve_stages(config)
+  if stage is not None and not 0 <= stage < len(all_stages):
+    raise ValueError(f"--stage={stage}; the recipe has stages 0..{len(all_stages) - 1}")
+  target = tpu_target(topology) if topology else cpu_target(parse_devices(devices))
+  reports = []
+  for s in all_stages if stage is None else [all_stages[stage]]:
+    reports.append({"config": name, **check_stage(config, s, target, mfu)})
+    emit(reports[-1])
+  return reports
+
+
+def verdict(reports: list[dict]) -> tuple[int, list[str]]:
+  """(exit code, messages): 1 with one message per stage that does not fit, else 0."""
+  messages = []
+  for r in reports:
+    if r["fits"] is not False:
+      continue
+    need = r.get("total_gib")
+    why = (f"{need:.1f} GiB per chip > {r['capacity_gib']:.1f} GiB" if need is not None
+           else r["compile_error"])
+    messages.append(f"ctxjax.aot: stage {r['stage']} does not fit {r['target']}: {why}; shard "
+                    f"more (mesh.ici_fsdp / ici_context / ici_tensor), raise "
+                    f"train.grad_accum_steps, or set model.remat_policy='full'")
+  return (1 if messages else 0), messages
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  try:
+    topology, devices = choose_target(config, _TOPOLOGY.value, _DEVICES.value)
+    import jax  # before any JAX backend starts: this tool only compiles, on the host's CPU
+    jax.config.update("jax_platforms", "cpu")
+    if devices:
+      jax.config.update("jax_num_cpu_devices", parse_devices(devices))
+    reports = run(config, name=config_flags.get_config_filename(flags.FLAGS["config"]),
+                  topology=topology, devices=devices, stage=_STAGE.value, mfu=_MFU.value,
+                  emit=lambda r: print(format_report(r), flush=True))
+  except (ValueError, RuntimeError) as err:
+    print(f"ctxjax.aot: {err}", file=sys.stderr)
+    return 2
+  if _JSON.value:
+    merge_json(_JSON.value, reports)
+  code, messages = verdict(reports)
+  for message in messages:
+    print(message, file=sys.stderr)
+  return code
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))

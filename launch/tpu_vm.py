@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Cloud TPU VM launcher: create a slice, install ctxjax on every worker, run, watch, tear down.
+
+  python launch/tpu_vm.py up     --tpu=NAME --zone=Z --accelerator-type=v5p-128 \
+      --config=configs/llama2_7b_80k.py --workdir=gs://BUCKET/run [-- --config.a.b=value ...]
+  python launch/tpu_vm.py create|install|copy|run|logs|stop|delete  (the same flags)
+
+Steps (`up` = create, install, run):
+  create    gcloud compute tpus tpu-vm create (or, with --queued, queued-resources create and a
+            wait until the slice is ACTIVE; --spot for preemptible capacity);
+  install   pack this checkout (git-tracked files), copy it to every worker (--worker=all) and
+            `pip install -e ".[tpu]"` there;
+  copy      copy configs/ again (edit a recipe without reinstalling);
+  run       start `python3 -m ctxjax.train --config=... --workdir=...` on ALL workers at once
+            (SPMD: every host runs the same program; jax.distributed finds the slice itself),
+            in the background with its log in ~/ctxjax-train.log and pid in ~/ctxjax-train.pid;
+  logs      follow worker 0's log (--worker=N for another);
+  stop      SIGTERM the trainer on every worker: it saves a checkpoint and exits, and a later
+            `run` with the same --workdir resumes;
+  delete    delete the slice (or the queued resource).
+`--dry-run` prints every command, shell-quoted exactly as it would run, and runs nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REMOTE_DIR = "ctxjax"                    # on each worker, under the login user's home
+ARCHIVE = "ctxjax-src.tar.gz"
+LOG, PID = "~/ctxjax-train.log", "~/ctxjax-train.pid"
+# Cloud TPU software versions per generation (cloud.google.com/tpu/docs/runtimes).
+RUNTIMES = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+            "v5e": "v2-alpha-tpuv5-lite", "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+STEPS = ("create", "install", "copy", "run", "logs", "stop", "delete", "up")
+
+
+def _where(args) -> list[str]:
+  out = [f"--zone={args.zone}"]
+  if args.project:
+    out.append(f"--project={args.project}")
+  return out
+
+
+def _ssh(args, remote: str, worker: str = "all") -> list[str]:
+  return ["gcloud", "compute", "tpus", "tpu-vm", "ssh", args.tpu, *_where(args),
+          f"--worker={worker}", f"--command={remote}"]
+
+
+def runtime_version(args) -> str:
+  if args.version:
+    return args.version
+  generation = args.accelerator_type.split("-")[0]
+  if generation not in RUNTIMES:
+    raise ValueError(f"--accelerator-type={args.accelerator_type!r}: unknown generation "
+                     f"{generation!r}; valid: {sorted(RUNTIMES)} (or pass --version)")
+  return RUNTIMES[generation]
+
+
+def create(args) -> list[list[str]]:
+  if not args.accelerator_type:
+    raise ValueError("create needs --accelerator-type (e.g. v5p-128)")
+  spot = ["--spot"] if args.spot else []
+  if args.queued:
+    qr = ["gcloud", "compute", "tpus", "queued-resources"]
+    return [
+        qr + ["create", args.tpu, f"--node-id={args.tpu}", *_where(args),
+              f"--accelerator-type={args.accelerator_type}",
+              f"--runtime-version={runtime_version(args)}", *spot],
+        # Block until the slice is provisioned (a queued request can wait for capacity).
+        ["bash", "-c", "until [ \"$(" + shlex.join(
+            qr + ["describe", args.tpu, *_where(args), "--format=value(state.state)"])
+         + ")\" = ACTIVE ]; do sleep 30; done"],
+    ]
+  return [["gcloud", "compute", "tpus", "tpu-vm", "create", args.tpu, *_where(args),
+           f"--accelerator-type={args.accelerator_type}", f"--version={runtime_version(args)}",
+           *spot]]
+
+
+def install(args) -> list[list[str]]:
+  local = os.path.join(args.tmpdir, ARCHIVE)
+  remote = (f"mkdir -p {REMOTE_DIR} && tar -xzf {ARCHIVE} -C {REMOTE_DIR} && "
+            f"cd {REMOTE_DIR} && python3 -m pip install -q -e '.[tpu]'")
+  return [
+      # git-tracked files only: no venvs, runs or caches travel.
+      ["bash", "-c", f"cd {shlex.quote(ROOT)} && git ls-files -z | "
+                     f"tar --null -T - -czf {shlex.quote(local)}"],
+      ["gcloud", "compute", "tpus", "tpu-vm", "scp", local, f"{args.tpu}:{ARCHIVE}",
+       *_where(args), "--worker=all"],
+      _ssh(args, remote),
+  ]
+
+
+def copy(args) -> list[list[str]]:
+  return [["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse",
+           os.path.join(ROOT, "configs"), f"{args.tpu}:{REMOTE_DIR}/", *_where(args),
+           "--worker=all"]]
+
+
+def train_command(args) -> str:
+  """The trainer's command line as the remote shell will see it (each argument quoted)."""
+  if not args.config or not args.workdir:
+    raise ValueError("run needs --config and --workdir (use a gs:// bucket: every worker and "
+                     "every restart must see the same checkpoints)")
+  argv = ["python3", "-m", "ctxjax.train", f"--config={args.config}",
+          f"--workdir={args.workdir}", *args.overrides]
+  return shlex.join(argv)
+
+
+def run(args) -> list[list[str]]:
+  remote = (f"cd {REMOTE_DIR} && nohup {train_command(args)} > {LOG} 2>&1 < /dev/null & "
+            f"echo $! > {PID}")
+  return [_ssh(args, remote)]
+
+
+def logs(args) -> list[list[str]]:
+  return [_ssh(args, f"tail -n 100 -F {LOG}", worker=str(args.worker))]
+
+
+def stop(args) -> list[list[str]]:
+  # SIGTERM: the trainer checkpoints and exits (ctxjax/train/checkpoint.py).
+  return [_ssh(args, f"test -f {PID} && kill -TERM $(cat {PID}) && rm -f {PID} || true")]
+
+
+def delete(args) -> list[list[str]]:
+  if args.queued:
+    return [["gcloud", "compute", "tpus", "queued-resources", "delete", args.tpu, *_where(args),
+             "--force", "--quiet"]]
+  return [["gcloud", "compute", "tpus", "tpu-vm", "delete", args.tpu, *_where(args), "--quiet"]]
+
+
+PLANS = {"create": create, "install": install, "copy": copy, "run": run, "logs": logs,
+         "stop": stop, "delete": delete,
+         "up": lambda a: create(a) + install(a) + run(a)}
+
+
+def parse(argv):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("step", choices=STEPS)
+  parser.add_argument("--tpu", required=True, help="TPU VM (or queued resource) name")
+  parser.add_argument("--zone", required=True)
+  parser.add_argument("--project", default=None)
+  parser.add_argument("--accelerator-type", default=None, help="e.g. v5p-128, v5litepod-16")
+  parser.add_argument("--version", default=None, help="TPU software version (default per type)")
+  parser.add_argument("--queued", action="store_true", help="use queued-resources")
+  parser.add_argument("--spot", action="store_true")
+  parser.add_argument("--config", default=None, help="configs/<recipe>.py[:arg]")
+  parser.add_argument("--workdir", default=None, help="gs://bucket/path")
+  parser.add_argument("--worker", default=0, type=int, help="worker whose log `logs` follows")
+  parser.add_argument("--tmpdir", default="/tmp")
+  parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+  # Everything after `--` goes to the trainer verbatim, e.g. -- --config.train.steps=10
+  cut = argv.index("--") if "--" in argv else len(argv)
+  args = parser.parse_args(argv[:cut])
+  args.overrides = list(argv[cut + 1:])
+  return args
+
+
+def main(argv=None) -> int:
+  args = parse(list(sys.argv[1:] if argv is None else argv))
+  try:
+    commands = PLANS[args.step](args)
+  except ValueError as err:
+    print(f"launch/tpu_vm.py: {err}", file=sys.stderr)
+    return 2
+  for cmd in commands:
+    print(shlex.join(cmd), flush=True)
+    if not args.dry_run:
+      subprocess.run(cmd, check=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
