@@ -65,9 +65,10 @@ def init_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int, *, mesh
   if mesh is None:
     return jax.jit(init)(rng), None
   _, shardings = abstract_train_state(model, tx, batch_size, seq_len, mesh=mesh, rules=rules)
-  # No mesh context here: out_shardings places the state, and flax's DenseGeneral initialises
-  # kernels flat (then reshapes), which a per-parameter constraint would reject.
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  # out_shardings places the state; the abstract mesh lets context-parallel kernels (ring)
+  # trace their shard_map during init.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    state = jax.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 
 
@@ -75,8 +76,9 @@ def abstract_train_state(model: nn.Module, tx, batch_size: int, seq_len: int, *,
   """(ShapeDtypeStruct tree carrying each leaf's sharding, state_shardings), allocating nothing:
   what AOT compilation (ctxjax/aot.py) and checkpoint restores need."""
   from ctxjax.train import sharding
-  boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, batch_size, seq_len),
-                         jax.random.PRNGKey(0))
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32)  # no eager PRNGKey: mesh devices may be remote
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    boxed = jax.eval_shape(lambda r: _boxed_state(model, tx, r, batch_size, seq_len), rng)
   sharding.check_params_covered(boxed.params, rules)
   shardings = sharding.logical_to_shardings(boxed, mesh, rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
