@@ -43,7 +43,7 @@ from ctxjax.data.demo import DemoData  # noqa: E402
 from ctxjax.model import Transformer, lora, model_config_from_dict, quant  # noqa: E402
 from ctxjax.train import trainable  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
-from ctxjax.train.step import cross_entropy  # noqa: E402
+from ctxjax.train.step import make_eval_step  # noqa: E402
 from ctxjax.train.trainer import train  # noqa: E402
 
 VARIANTS = ("full", "lora", "longlora", "int8", "nf4")
@@ -68,12 +68,7 @@ def batches(config, split: str):
 
 
 def eval_loss(model, params, config) -> float:
-  @jax.jit
-  def nll(params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
-                         batch["segment_ids"])
-    loss, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
-    return loss * tokens, tokens
+  nll = make_eval_step(model)
   total = count = 0.0
   for i, batch in enumerate(batches(config, "validation")):
     if i == EVAL_BATCHES:
