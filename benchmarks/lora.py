@@ -43,7 +43,7 @@ from ctxjax.data.demo import DemoData  # noqa: E402
 from ctxjax.model import Transformer, lora, model_config_from_dict, quant  # noqa: E402
 from ctxjax.train import trainable  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
-from ctxjax.train.step import make_eval_step  # noqa: E402
+from ctxjax.train.step import cross_entropy, make_eval_step  # noqa: E402
 from ctxjax.train.trainer import train  # noqa: E402
 
 VARIANTS = ("full", "lora", "longlora", "int8", "nf4")
