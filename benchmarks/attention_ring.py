@@ -44,23 +44,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ctxjax.attention import blockwise, make_pattern, ring  # noqa: E402
+from attention_blockwise import _mem_available_bytes  # noqa: E402  (same folder)
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
 N_DEV = 8
 CAUSAL = make_pattern("causal")
 YARDSTICK = ("haoliuhl/ringattention, 8 fake CPU devices, causal fwd+bwd T=8K: ~4.2 s; dense "
              "XLA: ~19 s and ~11 GB (project brief; their head count/dim and machine unknown)")
-
-
-def _mem_available_bytes() -> int:
-  try:
-    with open("/proc/meminfo") as f:
-      for line in f:
-        if line.startswith("MemAvailable:"):
-          return int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  return 8 << 30
 
 
 def _fwd_bwd(fn):

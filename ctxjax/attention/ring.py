@@ -484,21 +484,19 @@ def context_parallel_attend(q, k, v, *, q_positions, k_positions, q_segment_ids,
   return out
 
 
-@register_implementation("ring")
-def ring_attend(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
+def _context_parallel_impl(strategy: str, what: str):
+  def attend_fn(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
                 k_segment_ids, pattern, alibi_slopes=None, scale=None):
-  """`attend(..., impl="ring")`: ring attention over the current mesh's "context" axis."""
-  return context_parallel_attend(
-      q_BTHD, k_BSKD, v_BSKD, q_positions=q_positions, k_positions=k_positions,
-      q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, pattern=pattern,
-      alibi_slopes=alibi_slopes, scale=scale, strategy="ring")
+    return context_parallel_attend(
+        q_BTHD, k_BSKD, v_BSKD, q_positions=q_positions, k_positions=k_positions,
+        q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, pattern=pattern,
+        alibi_slopes=alibi_slopes, scale=scale, strategy=strategy)
+  attend_fn.__name__ = f"{strategy}_attend"
+  attend_fn.__doc__ = f'`attend(..., impl="{strategy}")`: {what} over the mesh\'s "context" axis.'
+  return attend_fn
 
 
-@register_implementation("all_gather")
-def all_gather_attend(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
-                      k_segment_ids, pattern, alibi_slopes=None, scale=None):
-  """`attend(..., impl="all_gather")`: all-gather K/V over the current mesh's "context" axis."""
-  return context_parallel_attend(
-      q_BTHD, k_BSKD, v_BSKD, q_positions=q_positions, k_positions=k_positions,
-      q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, pattern=pattern,
-      alibi_slopes=alibi_slopes, scale=scale, strategy="all_gather")
+ring_attend = register_implementation("ring")(
+    _context_parallel_impl("ring", "ring attention"))
+all_gather_attend = register_implementation("all_gather")(
+    _context_parallel_impl("all_gather", "all-gather K/V"))
