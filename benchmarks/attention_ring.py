@@ -11,16 +11,22 @@ Time = median of interleaved rounds after a warm-up (compile) call. Memory = XLA
 memory_analysis() of the SPMD program, i.e. PER DEVICE: arguments + outputs + temporaries -
 aliased (the planned peak of live buffers; the host's RSS cannot be split per fake device).
 
-The memory point: ring on n = 8 devices at T = 8L needs about the per-device memory that one
-device needs for blockwise (ring with n = 1) at L; all_gather's grows with T (full K/V, dK/dV
-per device); dense grows with T^2.
+The memory point: ring on n = 8 devices at T = 8L against blockwise on ONE device at L, at the
+same block size (default 256, and 128 / 64): the ring's per-device memory is blockwise's plus
+the key blocks in flight (each key block is handed on as soon as it is used). all_gather's grows
+with T (full K/V, dK/dV per device); dense grows with T^2.
+
+Baseline in the same run (--ringattention DIR, or an importable `ringattention`): haoliuhl's
+ringattention_jax.ring_attention (pip package ringattention 0.1.2; its module is loaded from
+the file, since the package __init__ needs an older jax), same shapes, contiguous layout (its
+causal mask assumes it), its chunk size --ringattention-chunk (default 512), float32 logits.
 
 All 8 fake devices share this machine's cores (2 here), so the wall time measures total work +
 ring overheads, not an 8-way speed-up, and load balancing cannot shorten the critical path the
 way it does on real accelerators.
 
   python benchmarks/attention_ring.py [--lengths 4096,8192,16384] [--rounds N]
-      [--memory-base 2048] [--out benchmarks/results/attention_ring.json]
+      [--memory-base 2048] [--ringattention DIR] [--out benchmarks/results/attention_ring.json]
 """
 from __future__ import annotations
 
@@ -74,7 +80,7 @@ def _inputs(t):
   return [jax.random.normal(key, (BATCH, t, HEADS, HEAD_DIM), jnp.float32) for key in keys]
 
 
-def _cp_case(t, n, strategy, layout):
+def _cp_case(t, n, strategy, layout, block=None):
   """(jitted fwd+bwd, args placed on the mesh) for context-parallel attention on n devices."""
   mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:n])
@@ -84,7 +90,7 @@ def _cp_case(t, n, strategy, layout):
   seg = jax.device_put(np.ones((BATCH, t), np.int32), row)
   fn = _fwd_bwd(lambda q, k, v: ring.context_parallel_attend(
       q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
-      pattern=CAUSAL, mesh=mesh, strategy=strategy))
+      pattern=CAUSAL, mesh=mesh, strategy=strategy, block_q=block, block_k=block))
   # Random data stands for tokens already permuted at load (the layout only moves tokens).
   args = [jax.device_put(x, spec) for x in _inputs(t)]
   return fn, args
@@ -96,22 +102,75 @@ def _dense_case(t):
   return fn, _inputs(t)
 
 
-def _blockwise_case(t):
+def _blockwise_case(t, block=None):
   pos = jnp.arange(t, dtype=jnp.int32)[None]
   seg = jnp.ones((BATCH, t), jnp.int32)
   fn = _fwd_bwd(lambda q, k, v: blockwise.blockwise_attention(
       q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
-      pattern=CAUSAL))
+      pattern=CAUSAL, block_q=block, block_k=block))
   return fn, _inputs(t)
 
 
+_HAOLIUHL = {}  # "module": haoliuhl's ringattention_jax, "chunk": its chunk size
+
+
+def load_haoliuhl(path):
+  """haoliuhl's ringattention_jax module (from DIR/ringattention/ringattention_jax.py, or the
+  installed package's file), or None. Loaded from the file: the package __init__ imports
+  jax.lib.xla_bridge, which jax 0.10 no longer has."""
+  import importlib.util
+  candidates = []
+  if path:
+    candidates.append(os.path.join(path, "ringattention", "ringattention_jax.py"))
+  spec = importlib.util.find_spec("ringattention")
+  if spec is not None and spec.submodule_search_locations:
+    candidates += [os.path.join(d, "ringattention_jax.py")
+                   for d in spec.submodule_search_locations]
+  for file in candidates:
+    if os.path.exists(file):
+      if path:
+        sys.path.insert(0, path)  # its own dependency (einops) may live there too
+      spec = importlib.util.spec_from_file_location("ringattention_jax", file)
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      return module
+  return None
+
+
+def _haoliuhl_case(t, n=N_DEV):
+  """haoliuhl/ringattention on n devices, contiguous layout, causal, float32 logits."""
+  module, chunk = _HAOLIUHL["module"], _HAOLIUHL["chunk"]
+  mesh = jax.make_mesh((n,), ("sp",), axis_types=(AxisType.Auto,), devices=jax.devices()[:n])
+  chunk = min(chunk, t // n)
+  kwargs = dict(causal_block_size=1, deterministic=True, dropout_rng=None, attn_pdrop=0.0,
+                query_chunk_size=chunk, key_chunk_size=chunk, dtype=jnp.float32,
+                policy=jax.checkpoint_policies.nothing_saveable, precision=None,
+                prevent_cse=True)
+  local = lambda q, k, v, bias, seg: module.ring_attention(q, k, v, bias, seg, None, "sp", True,
+                                                           kwargs)
+  seq = P(None, "sp")
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(seq, seq, seq, P(None, None, None, "sp"),
+                                                      seq), out_specs=seq, check_vma=False)
+  bias = jax.device_put(jnp.zeros((BATCH, 1, 1, t), jnp.float32),
+                        NamedSharding(mesh, P(None, None, None, "sp")))
+  seg = jax.device_put(jnp.zeros((BATCH, t), jnp.int32), NamedSharding(mesh, seq))
+  fn = _fwd_bwd(lambda q, k, v: sharded(q, k, v, bias, seg))
+  return fn, [jax.device_put(x, NamedSharding(mesh, seq)) for x in _inputs(t)]
+
+
 def _case(name, t):
+  """name: "dense_xla" | "blockwise_1dev[@block]" | "strategy:layout:n[@block]" |
+  "haoliuhl:contiguous:n"."""
+  name, _, block = name.partition("@")
+  block = int(block) if block else None
   if name == "dense_xla":
     return _dense_case(t)
   if name == "blockwise_1dev":
-    return _blockwise_case(t)
+    return _blockwise_case(t, block)
   strategy, layout, n = name.split(":")  # e.g. "ring:zigzag:8"
-  return _cp_case(t, int(n), strategy, layout)
+  if strategy == "haoliuhl":
+    return _haoliuhl_case(t, int(n))
+  return _cp_case(t, int(n), strategy, layout, block)
 
 
 def _compile(fn, args):
@@ -143,6 +202,8 @@ def bench_length(t, rounds, contiguous_max_len, budget):
   names = [f"ring:zigzag:{N_DEV}", f"all_gather:zigzag:{N_DEV}"]
   if t <= contiguous_max_len:
     names.insert(1, f"ring:contiguous:{N_DEV}")
+  if _HAOLIUHL:
+    names.append(f"haoliuhl:contiguous:{N_DEV}")
   names.append("dense_xla")
   compiled, args, memory, compile_s, skipped = {}, {}, {}, {}, {}
   for name in names:
@@ -178,18 +239,26 @@ def bench_length(t, rounds, contiguous_max_len, budget):
   return row
 
 
+MEMORY_BLOCKS = (None, 128, 64)  # None: the kernels' default (256)
+
+
 def bench_memory_point(base, budget):
-  """Per-device planned memory: ring on 8 devices at 8*base vs one device at base."""
-  cases = [("blockwise_1dev", base), ("ring:contiguous:1", base), ("dense_xla", base),
-           (f"ring:zigzag:{N_DEV}", N_DEV * base), (f"all_gather:zigzag:{N_DEV}", N_DEV * base),
-           ("dense_xla", N_DEV * base)]
+  """Per-device planned memory: one device at base vs 8 devices at 8*base, per block size."""
+  cases = [("ring:contiguous:1", base), ("dense_xla", base),
+           (f"all_gather:zigzag:{N_DEV}", N_DEV * base), ("dense_xla", N_DEV * base)]
+  for block in MEMORY_BLOCKS:
+    suffix = "" if block is None else f"@{block}"
+    cases += [("blockwise_1dev" + suffix, base), (f"ring:zigzag:{N_DEV}" + suffix, N_DEV * base)]
+  if _HAOLIUHL:
+    cases += [(f"haoliuhl:contiguous:{N_DEV}", N_DEV * base)]
   rows = []
   for name, t in cases:
     fn, a = _case(name, t)
     compiled, _ = _compile(fn, a)
     mem = _memory(compiled)
-    rows.append({"impl": name, "T": t, "devices": 1 if name in ("blockwise_1dev", "dense_xla")
-                 else int(name.split(":")[2]), **mem})
+    devices = 1 if name.split("@")[0] in ("blockwise_1dev", "dense_xla") else int(
+        name.split("@")[0].split(":")[2])
+    rows.append({"impl": name, "T": t, "devices": devices, **mem})
     del compiled
   return rows
 
@@ -247,10 +316,19 @@ def main(argv=None):
                       help="longest T at which ring with the contiguous layout is timed too")
   parser.add_argument("--memory-base", type=int, default=2048,
                       help="L of the memory point (ring 8 devices at 8L vs one device at L)")
+  parser.add_argument("--ringattention", default=None,
+                      help="folder holding haoliuhl's ringattention package (baseline)")
+  parser.add_argument("--ringattention-chunk", type=int, default=512,
+                      help="haoliuhl's query/key chunk size")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                     "results", "attention_ring.json"))
   args = parser.parse_args(argv)
   assert len(jax.devices()) >= N_DEV, jax.devices()
+  module = load_haoliuhl(args.ringattention)
+  if module is not None:
+    _HAOLIUHL.update(module=module, chunk=args.ringattention_chunk)
+  print(f"baseline haoliuhl/ringattention: "
+        f"{'chunk %d' % args.ringattention_chunk if module else 'not found (skipped)'}")
   lengths = [int(x) for x in args.lengths.split(",") if x]
   budget = _mem_available_bytes() // 2
   load_before = os.getloadavg()
@@ -270,32 +348,40 @@ def main(argv=None):
     print(f"  {r['impl']:<24} T={r['T']:>6} devices={r['devices']}  peak {_gib(r['peak_bytes'])}"
           f"  (args {_gib(r['argument_bytes'])}, temp {_gib(r['temp_bytes'])})", flush=True)
   by = {(r["impl"], r["T"]): r for r in mem_rows}
-  ring_long = by[(f"ring:zigzag:{N_DEV}", N_DEV * args.memory_base)]["peak_bytes"]
+  long_t = N_DEV * args.memory_base
+  per_block = {}
+  for block in MEMORY_BLOCKS:
+    suffix = "" if block is None else f"@{block}"
+    ring_long = by[(f"ring:zigzag:{N_DEV}" + suffix, long_t)]["peak_bytes"]
+    bw_short = by[("blockwise_1dev" + suffix, args.memory_base)]["peak_bytes"]
+    block_rows = block or blockwise.DEFAULT_BLOCK_K
+    per_block[str(block_rows)] = {
+        "ring_8dev_at_8L_bytes": ring_long, "blockwise_1dev_at_L_bytes": bw_short,
+        "ratio": ring_long / bw_short, "ring_minus_blockwise_bytes": ring_long - bw_short,
+        # K, V, dK, dV: one fp32 key block each
+        "one_key_block_per_array_bytes": 4 * BATCH * block_rows * HEADS * HEAD_DIM * 4}
+    print(f"  block {block_rows:>3}: ring 8 dev @ {long_t} / blockwise 1 dev @ "
+          f"{args.memory_base} = {ring_long / bw_short:.3f}x  (+{(ring_long - bw_short) / 2**20:.2f}"
+          f" MiB; one K, V, dK, dV block: "
+          f"{per_block[str(block_rows)]['one_key_block_per_array_bytes'] / 2**20:.1f} MiB)",
+          flush=True)
+  default = per_block[str(blockwise.DEFAULT_BLOCK_K)]
   one_short = by[("ring:contiguous:1", args.memory_base)]["peak_bytes"]
-  bw_short = by[("blockwise_1dev", args.memory_base)]["peak_bytes"]
-  shard_bytes = BATCH * args.memory_base * HEADS * HEAD_DIM * 4  # one fp32 [B, L, H, D] shard
-  longest, planned = longest_at_memory(bw_short, 2 * args.memory_base, N_DEV * args.memory_base,
-                                       2 * N_DEV * 64)
-  summary = {"ring_8dev_at_8L_over_ring_1dev_at_L": ring_long / one_short,
-             "ring_8dev_at_8L_over_blockwise_1dev_at_L": ring_long / bw_short,
-             "ring_minus_blockwise_bytes": ring_long - bw_short,
-             "kv_and_dkdv_in_flight_bytes": 4 * shard_bytes,
+  longest, planned = longest_at_memory(default["blockwise_1dev_at_L_bytes"],
+                                       2 * args.memory_base, long_t, 2 * N_DEV * 16)
+  summary = {"per_block": per_block,
+             "ring_8dev_at_8L_over_blockwise_1dev_at_L": default["ratio"],
+             "ring_8dev_at_8L_over_ring_1dev_at_L": default["ring_8dev_at_8L_bytes"] / one_short,
              "longest_ring_8dev_T_at_blockwise_1dev_memory": longest,
              "longest_over_L": None if longest is None else longest / args.memory_base,
              "bisection_planned_peak_bytes": {str(k): v for k, v in sorted(planned.items())}}
-  print(f"  ring 8 dev @ {N_DEV * args.memory_base} / ring 1 dev @ {args.memory_base}: "
-        f"{summary['ring_8dev_at_8L_over_ring_1dev_at_L']:.2f}x; / blockwise 1 dev: "
-        f"{summary['ring_8dev_at_8L_over_blockwise_1dev_at_L']:.2f}x")
-  print(f"  ring 8 dev - blockwise 1 dev: {(ring_long - bw_short) / 2**20:.1f} MiB; the ring's "
-        f"own buffers (next K/V shard + travelling dK/dV in flight, 4 fp32 shards): "
-        f"{4 * shard_bytes / 2**20:.1f} MiB")
   if longest is not None:
     print(f"  longest T for ring on {N_DEV} devices within blockwise's per-device memory at "
-          f"L={args.memory_base}: {longest} = {longest / args.memory_base:.2f} L")
-  met = ring_long <= bw_short
-  print(f"target {'MET' if met else 'NOT MET'}: ring on {N_DEV} devices runs {N_DEV}x longer at "
-        f"equal per-device memory ({summary['ring_8dev_at_8L_over_blockwise_1dev_at_L']:.2f}x "
-        f"blockwise's per-device memory at {N_DEV}x the length)")
+          f"L={args.memory_base} (default blocks, multiples of {2 * N_DEV * 16}): {longest} = "
+          f"{longest / args.memory_base:.3f} L")
+  worst = max(v["ratio"] for v in per_block.values())
+  print(f"ring on {N_DEV} devices at {N_DEV}x the length: {worst:.3f}x (worst block size) the "
+        f"per-device memory of blockwise on one device; the excess is the key blocks in flight")
   print(f"\nyardstick: {YARDSTICK}")
   result = {
       "benchmark": "attention_ring", "jax": jax.__version__, "platform": platform.machine(),
@@ -305,6 +391,8 @@ def main(argv=None):
                 "pattern": "causal"},
       "memory_budget_bytes": budget, "attention_fwd_bwd": rows, "memory_point": {
           "base_length": args.memory_base, "rows": mem_rows, **summary},
+      "haoliuhl_ringattention": ({"chunk": args.ringattention_chunk, "package":
+                                  "ringattention 0.1.2 (pip)"} if module else None),
       "yardstick": YARDSTICK, "total_s": time.perf_counter() - t0}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w") as f:

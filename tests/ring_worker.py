@@ -167,6 +167,83 @@ def run_padded_case():
     bw.DEFAULT_BLOCK_Q, bw.DEFAULT_BLOCK_K, bw.MIN_AUTO_BLOCK = saved
 
 
+def run_bf16_case():
+  """bf16 q/k/v/dO, 4 devices, zigzag, causal, packed documents + ALiBi: ring / all_gather
+  (K/V travel in bf16, cast to float32 block by block) vs the float32 reference on the same
+  bf16-rounded inputs; the dense reference run in bf16 gives the yardstick error."""
+  n = 4
+  mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,),
+                       devices=jax.devices()[:n])
+  q, k, v, do = (x.astype(jnp.bfloat16) for x in random_inputs(seed=5))
+  pos, seg, slopes = data_variants()["packed_alibi"]
+  perm = ring.context_parallel_permutation(T, n, "zigzag")
+  kw = dict(q_positions=jnp.asarray(pos), k_positions=jnp.asarray(pos),
+            q_segment_ids=jnp.asarray(seg), k_segment_ids=jnp.asarray(seg),
+            pattern=PATTERNS["causal"], alibi_slopes=jnp.asarray(slopes))
+
+  dtypes = {}
+
+  @jax.jit
+  def check(q, k, v, do):
+    f32 = lambda x: x.astype(jnp.float32)
+    want = vjp_all(lambda q, k, v: reference_attention(q, k, v, **kw), f32(q), f32(k), f32(v),
+                   f32(do))
+    ref_bf16 = vjp_all(lambda q, k, v: reference_attention(q, k, v, **kw), q, k, v, do)
+    lay = lambda x: jnp.take(x, jnp.asarray(perm), axis=1)
+    unlay = lambda x: jnp.take(x, jnp.asarray(np.argsort(perm)), axis=1)
+    errs = {"reference_bf16": max_errs([f32(x) for x in ref_bf16], want)}
+    for impl in ring.STRATEGIES:
+      def fn(q, k, v, impl=impl):
+        lkw = {key: lay(val) if key.endswith(("positions", "segment_ids")) else val
+               for key, val in kw.items()}
+        return unlay(ring.context_parallel_attend(lay(q), lay(k), lay(v), mesh=mesh,
+                                                  strategy=impl, **lkw))
+      got = vjp_all(fn, q, k, v, do)
+      dtypes[impl] = [str(x.dtype) for x in got]
+      errs[impl] = max_errs([f32(x) for x in got], want)
+    return errs
+
+  errs = check(q, k, v, do)
+  errs = jax.device_get(errs)
+  for impl in ring.STRATEGIES:
+    emit(case="bf16", impl=impl, dtypes=dtypes[impl],
+         err={key: float(val) for key, val in errs[impl].items()},
+         ref_err={key: float(val) for key, val in errs["reference_bf16"].items()})
+
+
+def run_memory_case():
+  """Compiled per-device memory (fwd+bwd, causal, zigzag, fp32; compile only): ring on 8
+  devices at 8L vs blockwise on one device at L, same block size. The ring's own buffers are
+  the key blocks in flight, so the ratio stays near 1 (an overlapped whole-shard ring: 1.25x)."""
+  from ctxjax.attention import blockwise as bw
+  L, h, d, block = 512, 4, 32, 64
+
+  def peak(fn, args):
+    m = jax.jit(lambda q, k, v, do: vjp_all(fn, q, k, v, do)[1:]).lower(*args).compile()
+    m = m.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+            m.alias_size_in_bytes)
+
+  ones = lambda t: [jax.ShapeDtypeStruct((1, t, h, d), jnp.float32)] * 4
+  pos, seg = jnp.arange(L, dtype=jnp.int32)[None], jnp.ones((1, L), jnp.int32)
+  one = peak(lambda q, k, v: bw.blockwise_attention(
+      q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
+      pattern=PATTERNS["causal"], block_q=block, block_k=block), ones(L))
+  n, t = 8, 8 * L
+  mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,))
+  sharding = jax.sharding.NamedSharding(mesh, P(None, "context"))
+  pos8 = jax.device_put(ring.reorder_for_context_parallel(
+      np.arange(t, dtype=np.int32)[None], 1, n, "zigzag"), sharding)
+  seg8 = jax.device_put(np.ones((1, t), np.int32), sharding)
+  args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in ones(t)]
+  per_device = peak(lambda q, k, v: ring.context_parallel_attend(
+      q, k, v, q_positions=pos8, k_positions=pos8, q_segment_ids=seg8, k_segment_ids=seg8,
+      pattern=PATTERNS["causal"], mesh=mesh, strategy="ring", block_q=block, block_k=block),
+      args)
+  emit(case="memory", L=L, block=block, blockwise_1dev=one, ring_8dev_at_8L=per_device,
+       ratio=per_device / one)
+
+
 def run_registry_case():
   """attend(impl="ring"/"all_gather") inside jit under jax.set_mesh on a 2-D explicit mesh
   (batch over "data", sequence over "context"); MHA, no ALiBi, automatic block sizes,
@@ -274,7 +351,7 @@ def run_hlo_case():
 
 def main():
   t0 = time.time()
-  which = sys.argv[1:] or ["errors", "hlo", "registry", "padded", "grad"]
+  which = sys.argv[1:] or ["errors", "hlo", "registry", "padded", "bf16", "memory", "grad"]
   if "errors" in which:
     run_error_cases()
   if "hlo" in which:
@@ -283,6 +360,10 @@ def main():
     run_registry_case()
   if "padded" in which:
     run_padded_case()
+  if "bf16" in which:
+    run_bf16_case()
+  if "memory" in which:
+    run_memory_case()
   if "grad" in which:
     run_grad_cases()
   emit(case="done", seconds=time.time() - t0, devices=len(jax.devices()))

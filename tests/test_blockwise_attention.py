@@ -356,3 +356,40 @@ def test_ring_building_blocks():
   dv = jnp.concatenate([g[2] for g in grads], axis=1)
   for name, r, g in (("dq", ref[1], dq), ("dk", ref[2], dk), ("dv", ref[3], dv)):
     assert float(jnp.abs(g - r).max()) <= FP32_TOL, name
+
+
+def test_pass_on_loops_equal_the_plain_loops_bit_for_bit():
+  """The ring's key-major loops that hand each key block on (`fold_and_pass_key_blocks`,
+  `backward_key_blocks(pass_block=...)`) compute exactly what the plain loops compute; with a
+  pass that marks each block (+1 on K/V, + 100 on dK/dV) every block is passed exactly once."""
+  q, k, v, do = _inputs(T, h=4, kv=2, seed=11)
+  seg = _packed_segments(T)
+  pos = _packed_positions(seg)
+  kw = dict(pattern=WINDOW, scale=D ** -0.5,
+            alibi_slopes_KG=jnp.asarray(_alibi_slopes(4)).reshape(2, 2))
+
+  @jax.jit
+  def run(q, k, v, do):
+    qb = bw.query_blocks(q.reshape(B, T, 2, 2, D), pos, seg, 16)
+    kb = bw.key_blocks(k, v, pos, seg, 8)
+    state0 = bw.init_blocked_state(qb, *kb)
+    plain = bw.fold_key_blocks(state0, qb, kb, **kw)
+    mark = lambda b: bw.KeyBlocks(b.k + 1, b.v + 1, b.pos, b.seg)
+    passed, kb_after = bw.fold_and_pass_key_blocks(state0, qb, kb, pass_block=mark, **kw)
+    out, lse = bw.finalize_state(plain)
+    rg = bw.row_grads(do.reshape(B, T, 2, 2, D), bw.stat_unblocks(lse),
+                      jnp.sum(bw.q_unblocks(out) * do.reshape(B, T, 2, 2, D), -1), 16)
+    zeros = bw.zeros_grads(qb, kb, rg)
+    grads = bw.backward_key_blocks(zeros, qb, rg, kb, **kw)
+    mark_all = lambda x: (mark(x[0]), x[1] + 100, x[2] + 100)
+    grads_passed = bw.backward_key_blocks(zeros, qb, rg, kb, pass_block=mark_all, **kw)
+    return plain, passed, kb, kb_after, grads, grads_passed
+
+  plain, passed, kb, kb_after, grads, (dq, dk, dv, kb_back) = run(q, k, v, do)
+  for a, b in zip(plain, passed):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  np.testing.assert_array_equal(np.asarray(kb_after.k), np.asarray(kb.k) + 1)
+  np.testing.assert_array_equal(np.asarray(kb_back.v), np.asarray(kb.v) + 1)
+  np.testing.assert_array_equal(np.asarray(dq), np.asarray(grads[0]))
+  np.testing.assert_array_equal(np.asarray(dk), np.asarray(grads[1]) + 100)
+  np.testing.assert_array_equal(np.asarray(dv), np.asarray(grads[2]) + 100)

@@ -33,7 +33,9 @@ Algorithm
 Building blocks for other kernels. The loops work on a blocked layout (`query_blocks`,
 `key_blocks`, `row_grads`) and carry their state, so a caller can feed key shards one after the
 other: `fold_key_blocks` (forward: online-softmax state across shards) and `backward_key_blocks`
-(gradients added in place) are the ring kernel's step (ring.py). Partial attention
+(gradients added in place) are the ring kernel's step (ring.py); with `pass_block` the ring
+hands each key block (and its dK/dV) to the next device as soon as it is done, so only one block
+per array is in flight (`fold_and_pass_key_blocks`, `backward_key_blocks(pass_block=...)`). Partial attention
 (partial.attend_with_lse) uses `blockwise_forward` -> (out [B,T,H,D], lse [B,T,H]; lse = -inf
 for rows that see no key) and `blockwise_backward` (a key shard's gradient given the GLOBAL
 out / lse). The block-pair math of online_softmax.py is re-exported here.
@@ -269,43 +271,93 @@ def fold_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, patt
   return lax.fori_loop(0, qb.q.shape[0], q_step, state)
 
 
+def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, pass_block,
+                             pattern, scale, alibi_slopes_KG=None):
+  """`fold_key_blocks`, key-major, handing each key block on as soon as it is used (ring).
+
+  For key block j: fold it into every query block that sees it (the transposed visit lists),
+  then replace slot j of `kb` with `pass_block(KeyBlocks of block j)` (the ring's ppermute).
+  Each query block still folds its key blocks in increasing order, so the state is the one
+  `fold_key_blocks` computes, bit for bit. Only one block per array is ever in flight, instead
+  of a whole shard. `pass_block` runs n_k times whatever the visit lists (collectives must be
+  uniform across devices). -> (state, kb holding the passed blocks).
+  """
+  rows, count = visit_lists(block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
+
+  def k_step(j, carry):
+    state, kb = carry
+    k_j, v_j, kp_j, ks_j = block_j = _take(kb, j)
+
+    def visit(t, state):  # the t-th query block that sees key block j
+      i = rows[j, t]
+      q_i, qp_i, qs_i = _take(qb, i)
+      state_i = online_softmax_update(SoftmaxState(*_take(state, i)), q_i, k_j, v_j, qp_i,
+                                      kp_j, qs_i, ks_j, **kw)
+      return SoftmaxState(*_put(state, state_i, i))
+
+    state = lax.fori_loop(0, count[j], visit, state)
+    # Block j's send may overlap its own use (both only read it); the received block lands in
+    # slot j, which this device no longer needs in this step.
+    return state, KeyBlocks(*_put(kb, pass_block(KeyBlocks(*block_j)), j))
+
+  return lax.fori_loop(0, kb.k.shape[0], k_step, (state, kb))
+
+
 def backward_key_blocks(grads, qb: QueryBlocks, rg: RowGrads, kb: KeyBlocks, *, pattern, scale,
-                        alibi_slopes_KG=None):
+                        alibi_slopes_KG=None, pass_block=None):
   """Add the gradient of every visible block pair to grads = (dq [n_q, B,K,G,bq,D],
   dk, dv [n_k, B,K,bk,D]) float32, blocked (backward; lse / delta must be the GLOBAL ones).
+  q / k / v blocks may be in a narrower dtype: each block is cast to float32 as it is used.
 
   Key-major: for key block j, loop over the query blocks that see it (the transposed visit
   lists), accumulating its dk/dv in the loop carry and adding dq into query block i in place.
+
+  pass_block (ring): once key block j is done, `pass_block((KeyBlocks of block j, dk_j, dv_j))`
+  replaces its slots in kb, dk and dv (one block in flight instead of a shard); the result is
+  then (dq, dk, dv, kb holding the passed blocks).
   """
   rows, count = visit_lists(
       block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
   kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
 
   def k_step(j, grads):
-    dq, dk, dv = grads
-    k_j, v_j, kp_j, ks_j = _take(kb, j)
+    dq, dk, dv = grads[:3]
+    k_j, v_j, kp_j, ks_j = block_j = _take(kb if pass_block is None else grads[3], j)
 
     def visit(t, carry):  # the t-th query block that sees key block j
       dk_j, dv_j, dq = carry
       i = rows[j, t]
       (q_i, qp_i, qs_i), (do_i, lse_i, delta_i) = _take(qb, i), _take(rg, i)
-      dq_i, dk_ij, dv_ij = block_backward(q_i, k_j, v_j, do_i, lse_i, delta_i, qp_i, kp_j, qs_i,
-                                          ks_j, **kw)
+      dq_i, dk_ij, dv_ij = block_backward(q_i.astype(_F32), k_j.astype(_F32), v_j.astype(_F32),
+                                          do_i, lse_i, delta_i, qp_i, kp_j, qs_i, ks_j, **kw)
       (dq_old,) = _take((dq,), i)
       (dq,) = _put((dq,), (dq_old + dq_i,), i)
       return dk_j + dk_ij, dv_j + dv_ij, dq
 
     dk_j, dv_j = _take((dk, dv), j)
     dk_j, dv_j, dq = lax.fori_loop(0, count[j], visit, (dk_j, dv_j, dq))
+    if pass_block is None:
+      dk, dv = _put((dk, dv), (dk_j, dv_j), j)
+      return dq, dk, dv
+    block_j, dk_j, dv_j = pass_block((KeyBlocks(*block_j), dk_j, dv_j))
     dk, dv = _put((dk, dv), (dk_j, dv_j), j)
-    return dq, dk, dv
+    return dq, dk, dv, KeyBlocks(*_put(grads[3], block_j, j))
 
-  return lax.fori_loop(0, kb.k.shape[0], k_step, tuple(grads))
+  carry = tuple(grads) + (() if pass_block is None else (kb,))
+  return lax.fori_loop(0, kb.k.shape[0], k_step, carry)
 
 
-def zeros_grads(qb: QueryBlocks, kb: KeyBlocks, *vary_refs):
-  """float32 zeros (dq, dk, dv) in the blocked layout, typed like the inputs under shard_map."""
-  z = lambda x: vary_like(jnp.zeros(x.shape, _F32), *qb, *kb, *vary_refs)
+def zeros_grads(qb: QueryBlocks, kb: KeyBlocks, rg: RowGrads, *vary_refs):
+  """float32 zeros (dq, dk, dv) in the blocked layout, typed like the inputs under shard_map.
+
+  Computed as 0 * delta[0] (delta = rowsum(dO * O) exists only once the forward is done): a
+  constant zero would be hoisted by XLA to the start of a fused forward+backward program and
+  shared with the forward's zero-initialised state, costing live shard-sized buffers (and
+  copies) through the whole forward. The product is 0 for any finite delta.
+  """
+  zero = 0.0 * rg.delta.reshape(-1)[0].astype(_F32)
+  z = lambda x: vary_like(jnp.broadcast_to(zero, x.shape), *qb, *kb, *rg, *vary_refs)
   return z(qb.q), z(kb.k), z(kb.v)
 
 
@@ -326,7 +378,7 @@ def _backward_blocks(q, k, v, do, lse, delta, q_pos, k_pos, q_seg, k_seg, slopes
   qb = query_blocks(q, q_pos, q_seg, block_q)
   kb = key_blocks(k, v, k_pos, k_seg, block_k)
   rg = row_grads(do, lse, delta, block_q)
-  dq, dk, dv = backward_key_blocks(zeros_grads(qb, kb, *rg, slopes_KG), qb, rg, kb,
+  dq, dk, dv = backward_key_blocks(zeros_grads(qb, kb, rg, slopes_KG), qb, rg, kb,
                                    pattern=pattern, scale=scale, alibi_slopes_KG=slopes_KG)
   return q_unblocks(dq), kv_unblocks(dk), kv_unblocks(dv)
 

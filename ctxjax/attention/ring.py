@@ -9,22 +9,21 @@ Kernels (call INSIDE `jax.shard_map` over the sequence axis; local shapes q [B, 
 k/v [B, Tk/n, K, D], positions / segment ids [B, T/n]):
   * `ring_attention`: each device keeps its query shard; the K/V shard, together with its
     positions and segment ids, travels round the ring with `lax.ppermute` (n steps), in
-    blockwise's blocked layout (blocked once per call, not per step). The forward is ONE online
-    softmax over the ring: the local queries' blocked state (running max, denominator, float32
-    accumulator) is carried across the steps and each arriving shard is folded in with
-    `blockwise.fold_key_blocks`, which visits only the shard pair's visible (block_q x block_k)
-    pairs — where the zigzag/striped layouts save their half; a shard pair with none is skipped
-    (`lax.cond`). Gradient: `jax.custom_vjp`; the forward saves (q, k, v, out, lse) and the
-    backward replays the ring, rotating float32 dK/dV accumulators together with K/V (after n
-    steps they are back on their owner) and adding each visible block pair's gradient in place
-    (`blockwise.backward_key_blocks`) with the GLOBAL lse and delta = rowsum(dO * O) (as
-    haoliuhl/ringattention).
-    Per-device memory is O(T/n). Compiled fwd+bwd (8 heads x 64, fp32), ring on 8 devices at
-    T = 16K needs 1.25x the per-device memory of blockwise on one device at T = 2K: the ring's
-    own buffers are the K/V shard in flight (the next shard is received while the current one
-    is used) and, in the backward, the dK/dV accumulators travelling with K/V plus their copies
-    in flight — four shard-sized buffers that a single device does not have
-    (benchmarks/attention_ring.py, benchmarks/README.md).
+    blockwise's blocked layout (blocked once per call). The forward is ONE online softmax over
+    the ring: the local queries' blocked state (running max, denominator, float32 accumulator)
+    is carried across the steps; at each step the shard in hand is folded in key block by key
+    block (`blockwise.fold_and_pass_key_blocks`, only visible block pairs are computed) and each
+    key block is handed to the next device as soon as it has been used — so one key block per
+    array is in flight, never a second shard. After n steps every shard is home again, and
+    that copy is the backward's residual (no second blocked copy of K/V). Gradient:
+    `jax.custom_vjp`; the backward replays the ring, the float32 dK/dV accumulators travelling
+    with their K/V block by block (`blockwise.backward_key_blocks(pass_block=...)`), with the
+    GLOBAL lse and delta = rowsum(dO * O) (as haoliuhl/ringattention); blocks are cast to
+    float32 as they are used, so bf16 K/V travel as bf16.
+    Per-device memory: that of blockwise at the local length plus the key blocks in flight.
+    Compiled fwd+bwd (8 heads x 64, fp32, causal, zigzag): ring on 8 devices at T = 16K needs
+    1.009x the per-device memory of blockwise on one device at 2K (1.003x with 64-token
+    blocks); an overlapped whole-shard ring needed 1.25x (benchmarks/attention_ring.py).
   * `all_gather_attention`: all-gather K/V (+ positions, segment ids) over the axis, then
     blockwise attention on the local queries (MaxText's default strategy). Autodiff transposes
     the all-gather into a reduce-scatter of dK/dV. Per-device memory O(T) for K/V.
@@ -197,7 +196,8 @@ def _check_local(q, k, q_pos, k_pos, q_seg, k_seg):
 # Ring attention (custom_vjp)
 # ----------------------------------------------------------------------------------------------
 
-def _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, block_q, block_k):
+def _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, block_q, block_k,
+                    keys=True):
   """Local shards -> blockwise's blocked layout (bw.QueryBlocks, bw.KeyBlocks), once per call.
 
   Shards with no automatic block divisor are padded (as blockwise does) with segment ids below
@@ -214,11 +214,12 @@ def _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, block_q, blo
         axis=1)
     q, q_pos, q_seg = rows(q, q_pad, 0), rows(q_pos, q_pad, q_pos[:, -1:]), rows(
         q_seg, q_pad, base - 1)
-    k, v = rows(k, k_pad, 0), rows(v, k_pad, 0)
-    k_pos, k_seg = rows(k_pos, k_pad, k_pos[:, -1:]), rows(k_seg, k_pad, base - 2)
+    if keys:
+      k, v = rows(k, k_pad, 0), rows(v, k_pad, 0)
+      k_pos, k_seg = rows(k_pos, k_pad, k_pos[:, -1:]), rows(k_seg, k_pad, base - 2)
   qg = q.reshape(q.shape[:2] + (k.shape[2], q.shape[2] // k.shape[2], q.shape[3]))
-  return (bw.query_blocks(qg, q_pos, q_seg, bq), bw.key_blocks(k, v, k_pos, k_seg, bk), bq,
-          q_pad - tq)
+  kb = bw.key_blocks(k, v, k_pos, k_seg, bk) if keys else None
+  return bw.query_blocks(qg, q_pos, q_seg, bq), kb, bq, q_pad - tq
 
 
 def _pad_rows(x, pad):
@@ -229,87 +230,92 @@ def _slopes_KG(slopes, q, k):
   return None if slopes is None else slopes.reshape(k.shape[2], q.shape[2] // k.shape[2])
 
 
-def _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, axis_name,
-                   block_q, block_k):
-  """-> out float32 [B,T,H,D], lse float32 [B,T,H] over the keys of every device.
-
-  One online softmax over the whole ring: the blocked state of the local queries is carried
-  across the n steps and each arriving K/V shard is folded in (`bw.fold_key_blocks`, which
-  visits only its visible block pairs); a shard pair with no visible block pair is skipped.
-  """
+def _pass_on(axis_name):
+  """Send blocks to the next device on the ring (device j -> j + 1 mod n)."""
   n = _axis_size(axis_name)
   perm = [(j, (j + 1) % n) for j in range(n)]
+  return lambda blocks: jax.tree.map(lambda x: lax.ppermute(x, axis_name, perm), blocks)
+
+
+def _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, axis_name,
+                   block_q, block_k):
+  """-> (out float32 [B,T,H,D], lse float32 [B,T,H] over the keys of every device,
+  kb: this device's K/V shard in the blocked layout, home again after n hops).
+
+  One online softmax over the whole ring: the blocked state of the local queries is carried
+  across the n steps; at each step the K/V shard in hand is folded in key block by key block
+  (`bw.fold_and_pass_key_blocks`: only visible block pairs are computed) and each key block is
+  passed on to the next device as soon as it is used, so one block per array is in flight,
+  never a whole shard. After the n-th step every shard is back on its owner: the backward
+  starts from that copy (the residual), so XLA keeps no second blocked copy of K/V.
+  """
+  n = _axis_size(axis_name)
   qb, kb, _, q_extra = _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name,
                                        block_q, block_k)
   kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, k))
+  pass_block = _pass_on(axis_name)
 
   def step(carry, _):
     state, kb_t = carry
-    # Send the current shard on before computing with it (lets XLA overlap the transfer).
-    nxt = bw.KeyBlocks(*(lax.ppermute(x, axis_name, perm) for x in kb_t))
-    visible = bw.block_schedule(qb.pos, qb.seg, kb_t.pos, kb_t.seg, pattern=pattern).any()
-    state = lax.cond(visible, lambda st: bw.fold_key_blocks(st, qb, kb_t, **kw),
-                     lambda st: st, state)
-    return (state, nxt), None
+    return bw.fold_and_pass_key_blocks(state, qb, kb_t, pass_block=pass_block, **kw), None
 
   state0 = bw.init_blocked_state(qb, *kb, slopes)
-  (state, _), _ = lax.scan(step, (state0, kb), None, length=n)
+  (state, kb_home), _ = lax.scan(step, (state0, kb), None, length=n)
   out, lse = bw.finalize_state(state)
   b, t, h, d = q.shape
   out = bw.q_unblocks(out).reshape(b, t + q_extra, h, d)[:, :t]
-  return out, bw.stat_unblocks(lse).reshape(b, t + q_extra, h)[:, :t]
+  return out, bw.stat_unblocks(lse).reshape(b, t + q_extra, h)[:, :t], kb_home
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10, 11, 12))
 def _ring_core(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, axis_name, block_q,
                block_k):
-  out, _ = _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale,
-                          axis_name, block_q, block_k)
+  out, _, _ = _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale,
+                             axis_name, block_q, block_k)
   return out.astype(q.dtype)
 
 
 def _ring_core_fwd(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, axis_name,
                    block_q, block_k):
-  out, lse = _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale,
-                            axis_name, block_q, block_k)
+  out, lse, kb = _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale,
+                                axis_name, block_q, block_k)
   out = out.astype(q.dtype)
-  return out, (q, k, v, out, lse, q_pos, k_pos, q_seg, k_seg, slopes)
+  return out, (q, kb, out, lse, q_pos, k_pos, q_seg, k_seg, slopes)
 
 
 def _ring_core_bwd(pattern, scale, axis_name, block_q, block_k, res, d_out):
   """Replay the ring: K/V travel as in the forward and their float32 dK/dV accumulators travel
-  with them (after n hops they are back on the owning device); dq stays local. Each step adds
-  the visible block pairs' gradients in place (`bw.backward_key_blocks`) with the GLOBAL lse
-  and delta = rowsum(dO * O) (as haoliuhl/ringattention)."""
-  q, k, v, out, lse, q_pos, k_pos, q_seg, k_seg, slopes = res
-  n = _axis_size(axis_name)
-  perm = [(j, (j + 1) % n) for j in range(n)]
+  with them, block by block as each is done (after n hops they are back on the owning
+  device); dq stays local. Each step adds the visible block pairs' gradients in place
+  (`bw.backward_key_blocks`) with the GLOBAL lse and delta = rowsum(dO * O) (as
+  haoliuhl/ringattention). Blocks are cast to float32 as they are used."""
+  q, kb, out, lse, q_pos, k_pos, q_seg, k_seg, slopes = res
   b, t, h, d = q.shape
-  num_kv, tk = k.shape[2], k.shape[1]
+  tk, num_kv = k_pos.shape[1], kb.k.shape[2]
+  q_like_k = jax.ShapeDtypeStruct((b, tk, num_kv, d), kb.k.dtype)
+  qb, _, bq, q_extra = _blocked_shards(q, q_like_k, q_like_k, q_pos, k_pos, q_seg, k_seg,
+                                       axis_name, block_q, block_k, keys=False)
   f32 = lambda x: x.astype(_F32)
-  qb, kb, bq, q_extra = _blocked_shards(f32(q), f32(k), f32(v), q_pos, k_pos, q_seg, k_seg,
-                                        axis_name, block_q, block_k)
   delta = jnp.sum(f32(d_out) * f32(out), axis=-1)  # global: the same at every step
   grouped = lambda x: _pad_rows(x, q_extra).reshape((b, t + q_extra, num_kv, -1) + x.shape[3:])
   rg = bw.row_grads(grouped(f32(d_out)), grouped(f32(lse)), grouped(delta), bq)
-  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, k))
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, q_like_k))
+  pass_block = _pass_on(axis_name)
 
   def step(carry, _):
     dq, kb_t, dk, dv = carry
-    nxt = bw.KeyBlocks(*(lax.ppermute(x, axis_name, perm) for x in kb_t))
-    visible = bw.block_schedule(qb.pos, qb.seg, kb_t.pos, kb_t.seg, pattern=pattern).any()
-    dq, dk, dv = lax.cond(visible, lambda g: bw.backward_key_blocks(g, qb, rg, kb_t, **kw),
-                          lambda g: g, (dq, dk, dv))
-    dk, dv = (lax.ppermute(x, axis_name, perm) for x in (dk, dv))
-    return (dq, nxt, dk, dv), None
+    dq, dk, dv, kb_t = bw.backward_key_blocks((dq, dk, dv), qb, rg, kb_t, pass_block=pass_block,
+                                              **kw)
+    return (dq, kb_t, dk, dv), None
 
-  dq0, dk0, dv0 = bw.zeros_grads(qb, kb, *rg, slopes)
-  (dq, _, dk, dv), _ = lax.scan(step, (dq0, kb, dk0, dv0), None, length=n)
+  dq0, dk0, dv0 = bw.zeros_grads(qb, kb, rg, slopes)
+  (dq, _, dk, dv), _ = lax.scan(step, (dq0, kb, dk0, dv0), None,
+                                length=_axis_size(axis_name))
   dq = bw.q_unblocks(dq).reshape(b, t + q_extra, h, d)[:, :t]
   dk, dv = (bw.kv_unblocks(x)[:, :tk] for x in (dk, dv))
   d_slopes = None if slopes is None else jnp.zeros_like(slopes)
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None,
-          d_slopes)
+  return (dq.astype(q.dtype), dk.astype(kb.k.dtype), dv.astype(kb.v.dtype), None, None, None,
+          None, d_slopes)
 
 
 _ring_core.defvjp(_ring_core_fwd, _ring_core_bwd)
