@@ -19,12 +19,10 @@
 #            AutoModelForCausalLM / AutoTokenizer: max |logits - ctxjax| 8.4e-6 on 1024 tokens,
 #            token ids identical to sentencepiece's (with BOS).
 #            benchmarks/README.md ("LoRA / LongLoRA / LongQLoRA") compares all variants.
-# int8 / nf4 (LongQLoRA, Yang 2023: a frozen quantized base, LoRA on every block projection)
-# build, init and evaluate, but `python -m ctxjax.train` cannot train them yet: its train step
-# differentiates every parameter and jax.grad refuses the integer codes. The step must take
-# gradients of the trainable leaves only (ctxjax.train.trainable.value_and_grad, as
-# benchmarks/lora.py does), and init_from must quantize a float checkpoint
-# (ctxjax.model.lora.init_from_base).
+# int8 / nf4 (LongQLoRA, Yang 2023: a frozen quantized base, LoRA on every block projection):
+# the same commands with configs/tiny_longlora.py:nf4; init_from quantizes the float run's
+# kernels on load (codes + absmax, one kernel at a time) and the step differentiates only the
+# trainable leaves (optim.trainable).
 from configs import tiny
 
 SEQ_LEN = 1024

@@ -129,15 +129,21 @@ def _unflat(flat: dict[tuple, Any]) -> dict:
   return out
 
 
-def restore_params(workdir: str, abstract_params, *, model_config: dict, step: int | None = None
-                   ) -> tuple[dict, list[str], int]:
+QUANT_ABSMAX = "kernel_absmax"  # quant.ABSMAX: the marker of a quantized projection
+
+
+def restore_params(workdir: str, abstract_params, *, model_config: dict, step: int | None = None,
+                   quantize_on_load=None) -> tuple[dict, list[str], int]:
   """Parameters only, from another ctxjax training run's newest (or `step`) checkpoint — the
   `config.train.init_from` of continual pretraining: the optimizer, step, RNG and data state
   start fresh. Each restored array lands directly in its sharding from `abstract_params`.
 
   Returns (restored params, the '/'-paths of `abstract_params` the checkpoint lacks — e.g. new
   LoRA adapters, left to the caller's initialisation — and the step read). A differing
-  architecture, or a checkpoint tensor whose shape differs, is an error naming it."""
+  architecture, or a checkpoint tensor whose shape differs, is an error naming it.
+  quantize_on_load('/'-path, float kernel) -> {'/'-path: array}: for a float checkpoint under a
+  model with a quantized base (LongQLoRA), each float kernel is restored alone (replicated),
+  turned into the model's codes + absmax and placed in their shardings."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
@@ -145,14 +151,22 @@ def restore_params(workdir: str, abstract_params, *, model_config: dict, step: i
   if step is None:
     raise ValueError(f"config.train.init_from={workdir!r}: no checkpoint under {directory}")
   meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-  # New LoRA adapters on a plain checkpoint are LongLoRA's start: they keep their init.
+  # New LoRA adapters on a plain checkpoint are LongLoRA's start: they keep their init; a float
+  # checkpoint under a quantized base is LongQLoRA's (its kernels are quantized on load).
   diffs = config_differences(meta.get("model_config", {}), model_config,
-                             ignore=("lora_rank", "lora_targets"))
+                             ignore=("lora_rank", "lora_targets", "base_quantization",
+                                     "quant_block_size"))
   if diffs:
     raise ValueError(f"config.train.init_from={workdir!r} (step {step}) holds a different "
                      f"model; differing model config keys: {'; '.join(diffs)}")
   saved = _flat(manager.item_metadata(step)["state"].tree["params"])
   wanted = _flat(abstract_params)
+  # Float kernels of projections this model stores quantized: restored one at a time by
+  # `quantize_on_load` (codes + absmax) after the rest.
+  to_quantize = {p: have for p, have in saved.items()
+                 if quantize_on_load is not None and p not in wanted and p[-1] == "kernel" and
+                 p[:-1] + (QUANT_ABSMAX,) in wanted}
+  saved = {p: have for p, have in saved.items() if p not in to_quantize}
   for path, have in saved.items():
     if path in wanted and tuple(have.shape) != tuple(wanted[path].shape):
       raise ValueError(f"config.train.init_from: parameter {'/'.join(path)} has shape "
@@ -163,8 +177,18 @@ def restore_params(workdir: str, abstract_params, *, model_config: dict, step: i
                      f"has no place for: {unused[:8]}")
   present = _unflat({p: a for p, a in wanted.items() if p in saved})
   restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), present)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item={"params": present}, restore_args={"params": restore_args}, partial_restore=True)))
+  restore = lambda tree, args: manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(item={"params": tree}, restore_args={"params": args},
+                                   partial_restore=True)))["state"]["params"]
+  restored = _flat(restore(present, restore_args))
+  for path, have in sorted(to_quantize.items()):
+    mesh = wanted[path[:-1] + (QUANT_ABSMAX,)].sharding.mesh
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    leaf = _unflat({path: jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=whole)})
+    kernel = _flat(restore(leaf, _unflat({path: ocp.ArrayRestoreArgs(sharding=whole)})))[path]
+    for sub, value in quantize_on_load("/".join(path), kernel).items():
+      sub = tuple(sub.split("/"))
+      restored[sub] = jax.device_put(value, wanted[sub].sharding)
   manager.close()
-  missing = sorted("/".join(p) for p in wanted if p not in saved)
-  return restored["state"]["params"], missing, step
+  missing = sorted("/".join(p) for p in wanted if p not in restored)
+  return _unflat(restored), missing, step

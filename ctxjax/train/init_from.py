@@ -6,7 +6,9 @@ Only the parameters are replaced: the optimizer state, step, RNG and data order 
 (Adam's moments start at zero whatever the parameters are). Each tensor goes straight into its
 sharding, one at a time, so a model larger than one host's device memory loads onto a mesh.
 Parameters the source lacks (e.g. new LoRA adapters) keep their initialisation and are logged;
-anything else that does not match is an error naming the tensor.
+anything else that does not match is an error naming the tensor. Under a quantized base
+(`model.base_quantization`, LongQLoRA) float kernels from either source are quantized on load,
+one kernel at a time, into the model's codes + absmax.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import os
 
 import jax
+import numpy as np
 from absl import logging
 
 from ctxjax.train import checkpoint as checkpoint_lib
@@ -30,6 +33,15 @@ def _overlay(params, loaded_flat: dict[tuple, jax.Array]):
   return checkpoint_lib._unflat(flat)  # noqa: SLF001
 
 
+def _quantizer(model_cfg):
+  """None for a float base; else ('/'-path, float kernel) -> {'/'-path: codes / absmax}."""
+  from ctxjax.model import lora, quant  # noqa: PLC0415
+  if model_cfg.base_quantization == "none":
+    return None
+  return lambda path, kernel: lora.flatten(
+      quant.quantize_params(lora.unflatten({path: kernel}), model_cfg))
+
+
 def _from_hf(hf_dir: str, shardings, model_cfg):
   from ctxjax import hf  # noqa: PLC0415 (safetensors only when used)
   path = os.path.join(hf_dir, "config.json")
@@ -43,14 +55,23 @@ def _from_hf(hf_dir: str, shardings, model_cfg):
     raise ValueError(f"config.train.init_from_hf={hf_dir!r} holds a different model; differing "
                      f"model config keys (HF -> config.model): {'; '.join(diffs)}")
   by_path = {"/".join(p): s for p, s in _flat(shardings).items()}
+  quantize = _quantizer(model_cfg)
   loaded = {}
 
-  def place(name, array):
+  def put(name, array):
     if name not in by_path:
       raise ValueError(f"config.train.init_from_hf: tensor for {name} has no place in the model")
-    sharding = by_path[name]
+    array = np.asarray(array)
     loaded[tuple(name.split("/"))] = jax.make_array_from_callback(
-        array.shape, sharding, lambda index: array[index])
+        array.shape, by_path[name], lambda index: array[index])
+
+  def place(name, array):
+    module = name.rsplit("/", 1)[0]
+    if quantize is not None and name not in by_path and f"{module}/kernel_absmax" in by_path:
+      for sub, value in quantize(name, array).items():
+        put(sub, value)
+    else:
+      put(name, array)
     return None  # kept in `loaded`; hf.load's own tree is not used
 
   hf.load(hf_dir, param_dtype=model_cfg.param_dtype, scan_layers=model_cfg.scan_layers,
@@ -70,7 +91,8 @@ def initial_params(train_cfg, params, param_shardings, model_cfg):
     abstract = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
                             params, param_shardings)
     restored, missing, step = checkpoint_lib.restore_params(
-        workdir, abstract, model_config=model_cfg.to_dict())
+        workdir, abstract, model_config=model_cfg.to_dict(),
+        quantize_on_load=_quantizer(model_cfg))
     loaded, source = _flat(restored), f"{workdir} (step {step})"
   else:
     loaded, source = _from_hf(hf_dir, param_shardings, model_cfg), hf_dir
