@@ -12,9 +12,11 @@ memory_analysis() of the SPMD program, i.e. PER DEVICE: arguments + outputs + te
 aliased (the planned peak of live buffers; the host's RSS cannot be split per fake device).
 
 The memory point: ring on n = 8 devices at T = 8L against blockwise on ONE device at L, at the
-same block size (default 256, and 128 / 64): the ring's per-device memory is blockwise's plus
-the key blocks in flight (each key block is handed on as soon as it is used). all_gather's grows
-with T (full K/V, dK/dV per device); dense grows with T^2.
+same block size (default 256, and 128 / 64), and the longest T the ring fits within exactly
+blockwise's memory at L. Each key block is handed on once it has been used, when the score
+temporaries are dead, so the copies in flight reuse their memory: the ring needs blockwise's
+per-device memory plus its travelling copy of the key positions / segment ids (2 int32 per
+token). all_gather's grows with T (full K/V, dK/dV per device); dense grows with T^2.
 
 Baseline in the same run (--ringattention DIR, or an importable `ringattention`): haoliuhl's
 ringattention_jax.ring_attention (pip package ringattention 0.1.2; its module is loaded from
@@ -264,24 +266,18 @@ def bench_memory_point(base, budget):
   return rows
 
 
-def longest_at_memory(budget_bytes, lo, hi, step):
-  """Largest T in [lo, hi] (multiples of `step`) whose ring (zigzag, 8 devices) fwd+bwd plans at
-  most `budget_bytes` per device: bisection on compiled memory_analysis (compile only)."""
+def longest_at_memory(budget_bytes, hi, step, max_steps=32):
+  """Largest T <= hi (hi, hi - step, ...; at most max_steps tried) whose ring (zigzag, 8 devices)
+  fwd+bwd plans at most `budget_bytes` per device (compile only). A downward scan, not a
+  bisection: the planned memory is not monotonic in T (each T picks its own block divisor, or
+  pads the shard)."""
   planned = {}
-
-  def peak(t):
-    if t not in planned:
-      fn, a = _case(f"ring:zigzag:{N_DEV}", t)
-      planned[t] = _memory(_compile(fn, a)[0])["peak_bytes"]
-    return planned[t]
-
-  lo_k, hi_k = lo // step, hi // step
-  if peak(lo_k * step) > budget_bytes:
-    return None, planned
-  while lo_k < hi_k:
-    mid = (lo_k + hi_k + 1) // 2
-    lo_k, hi_k = (mid, hi_k) if peak(mid * step) <= budget_bytes else (lo_k, mid - 1)
-  return lo_k * step, planned
+  for t in range(hi, max(hi - max_steps * step, 0), -step):
+    fn, a = _case(f"ring:zigzag:{N_DEV}", t)
+    planned[t] = _memory(_compile(fn, a)[0])["peak_bytes"]
+    if planned[t] <= budget_bytes:
+      return t, planned
+  return None, planned
 
 
 def _gib(x):
@@ -362,27 +358,26 @@ def main(argv=None):
         # K, V, dK, dV: one fp32 key block each
         "one_key_block_per_array_bytes": 4 * BATCH * block_rows * HEADS * HEAD_DIM * 4}
     print(f"  block {block_rows:>3}: ring 8 dev @ {long_t} / blockwise 1 dev @ "
-          f"{args.memory_base} = {ring_long / bw_short:.3f}x  (+{(ring_long - bw_short) / 2**20:.2f}"
-          f" MiB; one K, V, dK, dV block: "
+          f"{args.memory_base} = {ring_long / bw_short:.4f}x  ({ring_long - bw_short:+d} bytes; "
+          f"one K, V, dK, dV block: "
           f"{per_block[str(block_rows)]['one_key_block_per_array_bytes'] / 2**20:.1f} MiB)",
           flush=True)
   default = per_block[str(blockwise.DEFAULT_BLOCK_K)]
   one_short = by[("ring:contiguous:1", args.memory_base)]["peak_bytes"]
-  longest, planned = longest_at_memory(default["blockwise_1dev_at_L_bytes"],
-                                       2 * args.memory_base, long_t, 2 * N_DEV * 16)
+  longest, planned = longest_at_memory(default["blockwise_1dev_at_L_bytes"], long_t, 2 * N_DEV)
   summary = {"per_block": per_block,
              "ring_8dev_at_8L_over_blockwise_1dev_at_L": default["ratio"],
              "ring_8dev_at_8L_over_ring_1dev_at_L": default["ring_8dev_at_8L_bytes"] / one_short,
              "longest_ring_8dev_T_at_blockwise_1dev_memory": longest,
              "longest_over_L": None if longest is None else longest / args.memory_base,
-             "bisection_planned_peak_bytes": {str(k): v for k, v in sorted(planned.items())}}
+             "scan_planned_peak_bytes": {str(k): v for k, v in sorted(planned.items())}}
   if longest is not None:
     print(f"  longest T for ring on {N_DEV} devices within blockwise's per-device memory at "
-          f"L={args.memory_base} (default blocks, multiples of {2 * N_DEV * 16}): {longest} = "
+          f"L={args.memory_base} (default blocks, multiples of {2 * N_DEV}): {longest} = "
           f"{longest / args.memory_base:.3f} L")
   worst = max(v["ratio"] for v in per_block.values())
-  print(f"ring on {N_DEV} devices at {N_DEV}x the length: {worst:.3f}x (worst block size) the "
-        f"per-device memory of blockwise on one device; the excess is the key blocks in flight")
+  print(f"ring on {N_DEV} devices at {N_DEV}x the length: {worst:.4f}x (worst block size) the "
+        f"per-device memory of blockwise on one device")
   print(f"\nyardstick: {YARDSTICK}")
   result = {
       "benchmark": "attention_ring", "jax": jax.__version__, "platform": platform.machine(),

@@ -213,8 +213,9 @@ def run_bf16_case():
 
 def run_memory_case():
   """Compiled per-device memory (fwd+bwd, causal, zigzag, fp32; compile only): ring on 8
-  devices at 8L vs blockwise on one device at L, same block size. The ring's own buffers are
-  the key blocks in flight, so the ratio stays near 1 (an overlapped whole-shard ring: 1.25x)."""
+  devices at 8L vs blockwise on one device at L, same block size. The key blocks in flight
+  reuse the score temporaries' memory, so the ratio stays near 1 (an overlapped whole-shard
+  ring: 1.25x)."""
   from ctxjax.attention import blockwise as bw
   L, h, d, block = 512, 4, 32, 64
 

@@ -217,8 +217,9 @@ def test_bf16_matches_reference(worker_results, impl):
 
 
 def test_ring_per_device_memory_close_to_one_device_blockwise(worker_results):
-  """Compiled per-device memory of ring on 8 devices at 8L is within 3% of blockwise on one
-  device at L (the key blocks in flight); the whole-shard overlapped ring this replaced needed
-  1.25x. A compile-only check of the buffer plan, not a timing."""
+  """Compiled per-device memory of ring on 8 devices at 8L is within 1% of blockwise on one
+  device at L (measured 1.0004x-1.002x: the travelling key positions / segment ids); the
+  whole-shard overlapped ring this replaced needed 1.25x, sending key blocks before their use
+  1.011x. A compile-only check of the buffer plan, not a timing."""
   rows = [r for r in worker_results if r["case"] == "memory"]
-  assert len(rows) == 1 and rows[0]["ratio"] <= 1.03, rows
+  assert len(rows) == 1 and rows[0]["ratio"] <= 1.01, rows

@@ -271,6 +271,13 @@ def fold_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, patt
   return lax.fori_loop(0, qb.q.shape[0], q_step, state)
 
 
+def _index_after(index, x):
+  """`index`, computed from `x` (x[0] > inf is False for every float, NaN included), so that
+  what is read at it is read only once `x` exists: a data dependency that orders the ring's
+  sends after the block's use, which XLA:CPU keeps (it drops optimization_barrier)."""
+  return index + (jnp.ravel(x)[0] > jnp.inf).astype(jnp.int32)
+
+
 def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, pass_block,
                              pattern, scale, alibi_slopes_KG=None):
   """`fold_key_blocks`, key-major, handing each key block on as soon as it is used (ring).
@@ -279,7 +286,8 @@ def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks
   then replace slot j of `kb` with `pass_block(KeyBlocks of block j)` (the ring's ppermute).
   Each query block still folds its key blocks in increasing order, so the state is the one
   `fold_key_blocks` computes, bit for bit. Only one block per array is ever in flight, instead
-  of a whole shard. `pass_block` runs n_k times whatever the visit lists (collectives must be
+  of a whole shard, and it is read for sending only after its use (`_index_after`), when the
+  block pairs' score temporaries are dead, so the copies in flight reuse their memory. `pass_block` runs n_k times whatever the visit lists (collectives must be
   uniform across devices). -> (state, kb holding the passed blocks).
   """
   rows, count = visit_lists(block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
@@ -287,7 +295,7 @@ def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks
 
   def k_step(j, carry):
     state, kb = carry
-    k_j, v_j, kp_j, ks_j = block_j = _take(kb, j)
+    k_j, v_j, kp_j, ks_j = _take(kb, j)
 
     def visit(t, state):  # the t-th query block that sees key block j
       i = rows[j, t]
@@ -297,9 +305,9 @@ def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks
       return SoftmaxState(*_put(state, state_i, i))
 
     state = lax.fori_loop(0, count[j], visit, state)
-    # Block j's send may overlap its own use (both only read it); the received block lands in
-    # slot j, which this device no longer needs in this step.
-    return state, KeyBlocks(*_put(kb, pass_block(KeyBlocks(*block_j)), j))
+    # Sent once used: the copies in flight then reuse the score temporaries' memory.
+    block_j = KeyBlocks(*_take(kb, _index_after(j, state.m)))
+    return state, KeyBlocks(*_put(kb, pass_block(block_j), j))
 
   return lax.fori_loop(0, kb.k.shape[0], k_step, (state, kb))
 
@@ -323,7 +331,7 @@ def backward_key_blocks(grads, qb: QueryBlocks, rg: RowGrads, kb: KeyBlocks, *, 
 
   def k_step(j, grads):
     dq, dk, dv = grads[:3]
-    k_j, v_j, kp_j, ks_j = block_j = _take(kb if pass_block is None else grads[3], j)
+    k_j, v_j, kp_j, ks_j = _take(kb if pass_block is None else grads[3], j)
 
     def visit(t, carry):  # the t-th query block that sees key block j
       dk_j, dv_j, dq = carry
@@ -340,7 +348,9 @@ def backward_key_blocks(grads, qb: QueryBlocks, rg: RowGrads, kb: KeyBlocks, *, 
     if pass_block is None:
       dk, dv = _put((dk, dv), (dk_j, dv_j), j)
       return dq, dk, dv
-    block_j, dk_j, dv_j = pass_block((KeyBlocks(*block_j), dk_j, dv_j))
+    # Sent once used: the copies in flight then reuse the score temporaries' memory.
+    block_j = KeyBlocks(*_take(grads[3], _index_after(j, dk_j)))
+    block_j, dk_j, dv_j = pass_block((block_j, dk_j, dv_j))
     dk, dv = _put((dk, dv), (dk_j, dv_j), j)
     return dq, dk, dv, KeyBlocks(*_put(grads[3], block_j, j))
 

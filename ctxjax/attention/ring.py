@@ -13,17 +13,19 @@ k/v [B, Tk/n, K, D], positions / segment ids [B, T/n]):
     the ring: the local queries' blocked state (running max, denominator, float32 accumulator)
     is carried across the steps; at each step the shard in hand is folded in key block by key
     block (`blockwise.fold_and_pass_key_blocks`, only visible block pairs are computed) and each
-    key block is handed to the next device as soon as it has been used — so one key block per
-    array is in flight, never a second shard. After n steps every shard is home again, and
+    key block is handed to the next device once it has been used — so one key block per array
+    is in flight, never a second shard, and (sent when the block pair's score temporaries are
+    dead) it reuses their memory. After n steps every shard is home again, and
     that copy is the backward's residual (no second blocked copy of K/V). Gradient:
     `jax.custom_vjp`; the backward replays the ring, the float32 dK/dV accumulators travelling
     with their K/V block by block (`blockwise.backward_key_blocks(pass_block=...)`), with the
     GLOBAL lse and delta = rowsum(dO * O) (as haoliuhl/ringattention); blocks are cast to
     float32 as they are used, so bf16 K/V travel as bf16.
-    Per-device memory: that of blockwise at the local length plus the key blocks in flight.
-    Compiled fwd+bwd (8 heads x 64, fp32, causal, zigzag): ring on 8 devices at T = 16K needs
-    1.009x the per-device memory of blockwise on one device at 2K (1.003x with 64-token
-    blocks); an overlapped whole-shard ring needed 1.25x (benchmarks/attention_ring.py).
+    Per-device memory: that of blockwise at the local length, plus the ring's travelling copy
+    of the key positions and segment ids. Compiled fwd+bwd (8 heads x 64, fp32, causal,
+    zigzag): ring on 8 devices at T = 16K needs 1.0004x the per-device memory of blockwise on
+    one device at 2K (+25 KB); an overlapped whole-shard ring needed 1.25x
+    (benchmarks/attention_ring.py).
   * `all_gather_attention`: all-gather K/V (+ positions, segment ids) over the axis, then
     blockwise attention on the local queries (MaxText's default strategy). Autodiff transposes
     the all-gather into a reduce-scatter of dK/dV. Per-device memory O(T) for K/V.
