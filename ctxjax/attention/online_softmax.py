@@ -54,10 +54,27 @@ def init_state(q_BKGTD, *vary_refs) -> SoftmaxState:
                       v(jnp.zeros(q_BKGTD.shape, _F32)))
 
 
+def _scores(q_BKGTD, k_BKSD):
+  """float32 q @ k^T [B, K, G, Tq, Tk] as one 3-D batched matmul over B*K (free reshapes; XLA:CPU
+  runs it ~2x faster than the 5-D einsum with unit B / G axes)."""
+  b, kv, g, t, d = q_BKGTD.shape
+  s = jnp.einsum("hxd,hsd->hxs", q_BKGTD.reshape(b * kv, g * t, d),
+                 k_BKSD.reshape(b * kv, -1, d), preferred_element_type=_F32)
+  return s.reshape(b, kv, g, t, -1)
+
+
+def _weighted_values(p_BKGTS, v_BKSD):
+  """float32 p @ v [B, K, G, Tq, D] as one 3-D batched matmul over B*K."""
+  b, kv, g, t, s_len = p_BKGTS.shape
+  out = jnp.einsum("hxs,hsd->hxd", p_BKGTS.reshape(b * kv, g * t, s_len),
+                   v_BKSD.reshape(b * kv, s_len, -1), preferred_element_type=_F32)
+  return out.reshape(b, kv, g, t, -1)
+
+
 def block_logits(q_BKGTD, k_BKSD, q_pos_BT, k_pos_BS, q_seg_BT, k_seg_BS, *, pattern, scale,
                  alibi_slopes_KG=None):
   """Float32 scores [B, K, G, Tq, Tk] of one block pair; invisible pairs are -inf."""
-  s = jnp.einsum("bkgtd,bksd->bkgts", q_BKGTD, k_BKSD, preferred_element_type=_F32) * scale
+  s = _scores(q_BKGTD, k_BKSD) * scale
   slopes = None
   if alibi_slopes_KG is not None:
     slopes = jnp.asarray(alibi_slopes_KG, _F32)[None, :, :, None, None]
@@ -78,8 +95,7 @@ def online_softmax_update(state: SoftmaxState, q_BKGTD, k_BKSD, v_BKSD, q_pos_BT
   p = jnp.exp(s - m_new[..., None])             # masked (-inf) -> 0
   alpha = jnp.exp(state.m - m_new)
   l_new = state.l * alpha + p.sum(axis=-1)
-  pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v_BKSD.dtype), v_BKSD,
-                  preferred_element_type=_F32)
+  pv = _weighted_values(p.astype(v_BKSD.dtype), v_BKSD)
   return SoftmaxState(m_new, l_new, state.acc * alpha[..., None] + pv)
 
 
@@ -105,7 +121,15 @@ def block_backward(q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKGT, delta_BKGT, q_po
   (as patterns.py requires), not assume a (Tq, Tk) trailing layout.
   """
   lse = jnp.where(jnp.isneginf(lse_BKGT), jnp.inf, lse_BKGT)  # empty row: P = 0, not NaN
-  st = jnp.einsum("bksd,bkgtd->bksgt", k_BKSD, q_BKGTD, preferred_element_type=_F32) * scale
+  b, kv, g, t, d = q_BKGTD.shape
+  s_len = k_BKSD.shape[2]
+  # 3-D batched matmuls over [B*K, S or G*T, D]: free reshapes of these layouts, and XLA:CPU
+  # runs them ~2x faster than the same contractions written with the unit B / G axes.
+  q3, do3 = q_BKGTD.reshape(b * kv, g * t, d), do_BKGTD.reshape(b * kv, g * t, d)
+  k3, v3 = k_BKSD.reshape(b * kv, s_len, d), v_BKSD.reshape(b * kv, s_len, d)
+  to_st = lambda x: x.reshape(b, kv, s_len, g, t)
+  mm = lambda eq, x, y: jnp.einsum(eq, x, y, preferred_element_type=_F32)
+  st = to_st(mm("hsd,hxd->hsx", k3, q3)) * scale
   slopes = None
   if alibi_slopes_KG is not None:
     slopes = jnp.asarray(alibi_slopes_KG, _F32)[None, :, None, :, None]
@@ -116,11 +140,12 @@ def block_backward(q_BKGTD, k_BKSD, v_BKSD, do_BKGTD, lse_BKGT, delta_BKGT, q_po
     st = st + bias  # same expression as block_logits
   st = jnp.where(mask, st, -jnp.inf)
   pt = jnp.exp(st - lse[:, :, None])  # P^T
-  dv = jnp.einsum("bksgt,bkgtd->bksd", pt, do_BKGTD, preferred_element_type=_F32)
-  dpt = jnp.einsum("bksd,bkgtd->bksgt", v_BKSD, do_BKGTD, preferred_element_type=_F32)
-  dst = pt * (dpt - delta_BKGT[:, :, None]) * scale  # dS^T (scale folded in)
-  dk = jnp.einsum("bksgt,bkgtd->bksd", dst, q_BKGTD, preferred_element_type=_F32)
-  dq = jnp.einsum("bksgt,bksd->bkgtd", dst, k_BKSD, preferred_element_type=_F32)
+  flat = lambda x: x.reshape(b * kv, s_len, g * t)
+  dv = mm("hsx,hxd->hsd", flat(pt), do3).reshape(k_BKSD.shape)
+  dpt = to_st(mm("hsd,hxd->hsx", v3, do3))
+  dst = flat(pt * (dpt - delta_BKGT[:, :, None]) * scale)  # dS^T (scale folded in)
+  dk = mm("hsx,hxd->hsd", dst, q3).reshape(k_BKSD.shape)
+  dq = mm("hsx,hsd->hxd", dst, k3).reshape(q_BKGTD.shape)
   return dq, dk, dv
 
 
