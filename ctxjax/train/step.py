@@ -1,6 +1,7 @@
 """Train state, loss and the jitted train/eval steps."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax
@@ -11,6 +12,7 @@ import optax
 
 from ctxjax.positions import generators
 from ctxjax.train import trainable as trainable_lib
+from ctxjax.train.xla_options import step_compiler_options
 
 POSITION_IDS = ("data", "randomized", "pose")
 
@@ -150,13 +152,15 @@ def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+  options = step_compiler_options(mesh)
   if mesh is None:
-    return jax.jit(train_step, donate_argnums=(0,))
+    return jax.jit(train_step, donate_argnums=(0,), compiler_options=options)
   from ctxjax.train import sharding
   batch_shard = sharding.batch_sharding(mesh, rules)
   jitted = jax.jit(train_step, donate_argnums=(0,),
                    in_shardings=(state_shardings, batch_shard),
-                   out_shardings=(state_shardings, sharding.replicated(mesh)))
+                   out_shardings=(state_shardings, sharding.replicated(mesh)),
+                   compiler_options=options)
 
   def sharded_step(state, batch):
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -170,7 +174,7 @@ def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
 
 
 def make_eval_step(model: nn.Module):
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=step_compiler_options())
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
                          batch["segment_ids"])
