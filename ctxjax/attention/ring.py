@@ -15,8 +15,8 @@ k/v [B, Tk/n, K, D], positions / segment ids [B, T/n]):
     block (`blockwise.fold_and_pass_key_blocks`, only visible block pairs are computed) and each
     key block is handed to the next device once it has been used — so one key block per array
     is in flight, never a second shard, and (sent when the block pair's score temporaries are
-    dead) it reuses their memory. After n steps every shard is home again, and
-    that copy is the backward's residual (no second blocked copy of K/V). Gradient:
+    dead) it reuses their memory. After n steps every shard is home again, and that copy is
+    the backward's residual (no second blocked copy of K/V). Gradient:
     `jax.custom_vjp`; the backward replays the ring, the float32 dK/dV accumulators travelling
     with their K/V block by block (`blockwise.backward_key_blocks(pass_block=...)`), with the
     GLOBAL lse and delta = rowsum(dO * O) (as haoliuhl/ringattention); blocks are cast to
@@ -198,38 +198,52 @@ def _check_local(q, k, q_pos, k_pos, q_seg, k_seg):
 # Ring attention (custom_vjp)
 # ----------------------------------------------------------------------------------------------
 
-def _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, block_q, block_k,
-                    keys=True):
-  """Local shards -> blockwise's blocked layout (bw.QueryBlocks, bw.KeyBlocks), once per call.
+def _pad_ids(q_seg, k_seg, axis_name):
+  """Segment ids for padded queries / keys: below every real id on the whole axis, so padded
+  queries see no key and padded keys reach no query — also after travelling to another device."""
+  base = lax.pmin(jnp.minimum(q_seg.min(), k_seg.min()), axis_name)
+  return base - 1, base - 2
 
-  Shards with no automatic block divisor are padded (as blockwise does) with segment ids below
-  every real one on the whole axis: padded queries see no key, padded keys reach no query —
-  also after the K/V blocks have travelled to another device.
-  """
-  tq, tk = q.shape[1], k.shape[1]
+
+def _pad_to(x, n, fill):
+  """Rows [B, T, ...] -> [B, n, ...], the new rows set to `fill`."""
+  if n == x.shape[1]:
+    return x
+  return jnp.concatenate(
+      [x, jnp.broadcast_to(fill, (x.shape[0], n - x.shape[1]) + x.shape[2:]).astype(x.dtype)],
+      axis=1)
+
+
+def _blocked_queries(q, q_pos, q_seg, k_seg, num_kv, axis_name, block_q):
+  """Local query shard -> (bw.QueryBlocks, block, padding rows). A shard with no automatic block
+  divisor is padded as blockwise does."""
+  tq = q.shape[1]
   bq, q_pad = bw.choose_block(tq, block_q, bw.DEFAULT_BLOCK_Q, "block_q")
+  if q_pad != tq:
+    q_fill, _ = _pad_ids(q_seg, k_seg, axis_name)
+    q, q_pos, q_seg = (_pad_to(q, q_pad, 0), _pad_to(q_pos, q_pad, q_pos[:, -1:]),
+                       _pad_to(q_seg, q_pad, q_fill))
+  qg = q.reshape(q.shape[:2] + (num_kv, q.shape[2] // num_kv, q.shape[3]))
+  return bw.query_blocks(qg, q_pos, q_seg, bq), bq, q_pad - tq
+
+
+def _blocked_keys(k, v, k_pos, q_seg, k_seg, axis_name, block_k):
+  """Local K/V shard -> bw.KeyBlocks (padded like the queries, see `_pad_ids`)."""
+  tk = k.shape[1]
   bk, k_pad = bw.choose_block(tk, block_k, bw.DEFAULT_BLOCK_K, "block_k")
-  if (q_pad, k_pad) != (tq, tk):
-    base = lax.pmin(jnp.minimum(q_seg.min(), k_seg.min()), axis_name)
-    rows = lambda x, n, fill: jnp.concatenate(
-        [x, jnp.broadcast_to(fill, (x.shape[0], n - x.shape[1]) + x.shape[2:]).astype(x.dtype)],
-        axis=1)
-    q, q_pos, q_seg = rows(q, q_pad, 0), rows(q_pos, q_pad, q_pos[:, -1:]), rows(
-        q_seg, q_pad, base - 1)
-    if keys:
-      k, v = rows(k, k_pad, 0), rows(v, k_pad, 0)
-      k_pos, k_seg = rows(k_pos, k_pad, k_pos[:, -1:]), rows(k_seg, k_pad, base - 2)
-  qg = q.reshape(q.shape[:2] + (k.shape[2], q.shape[2] // k.shape[2], q.shape[3]))
-  kb = bw.key_blocks(k, v, k_pos, k_seg, bk) if keys else None
-  return bw.query_blocks(qg, q_pos, q_seg, bq), kb, bq, q_pad - tq
+  if k_pad != tk:
+    _, k_fill = _pad_ids(q_seg, k_seg, axis_name)
+    k, v = _pad_to(k, k_pad, 0), _pad_to(v, k_pad, 0)
+    k_pos, k_seg = _pad_to(k_pos, k_pad, k_pos[:, -1:]), _pad_to(k_seg, k_pad, k_fill)
+  return bw.key_blocks(k, v, k_pos, k_seg, bk)
 
 
 def _pad_rows(x, pad):
   return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
 
-def _slopes_KG(slopes, q, k):
-  return None if slopes is None else slopes.reshape(k.shape[2], q.shape[2] // k.shape[2])
+def _slopes_KG(slopes, q, num_kv):
+  return None if slopes is None else slopes.reshape(num_kv, q.shape[2] // num_kv)
 
 
 def _pass_on(axis_name):
@@ -252,9 +266,9 @@ def _ring_fwd_pass(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale, 
   starts from that copy (the residual), so XLA keeps no second blocked copy of K/V.
   """
   n = _axis_size(axis_name)
-  qb, kb, _, q_extra = _blocked_shards(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name,
-                                       block_q, block_k)
-  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, k))
+  qb, _, q_extra = _blocked_queries(q, q_pos, q_seg, k_seg, k.shape[2], axis_name, block_q)
+  kb = _blocked_keys(k, v, k_pos, q_seg, k_seg, axis_name, block_k)
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, k.shape[2]))
   pass_block = _pass_on(axis_name)
 
   def step(carry, _):
@@ -294,14 +308,12 @@ def _ring_core_bwd(pattern, scale, axis_name, block_q, block_k, res, d_out):
   q, kb, out, lse, q_pos, k_pos, q_seg, k_seg, slopes = res
   b, t, h, d = q.shape
   tk, num_kv = k_pos.shape[1], kb.k.shape[2]
-  q_like_k = jax.ShapeDtypeStruct((b, tk, num_kv, d), kb.k.dtype)
-  qb, _, bq, q_extra = _blocked_shards(q, q_like_k, q_like_k, q_pos, k_pos, q_seg, k_seg,
-                                       axis_name, block_q, block_k, keys=False)
+  qb, bq, q_extra = _blocked_queries(q, q_pos, q_seg, k_seg, num_kv, axis_name, block_q)
   f32 = lambda x: x.astype(_F32)
   delta = jnp.sum(f32(d_out) * f32(out), axis=-1)  # global: the same at every step
   grouped = lambda x: _pad_rows(x, q_extra).reshape((b, t + q_extra, num_kv, -1) + x.shape[3:])
   rg = bw.row_grads(grouped(f32(d_out)), grouped(f32(lse)), grouped(delta), bq)
-  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, q_like_k))
+  kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=_slopes_KG(slopes, q, num_kv))
   pass_block = _pass_on(axis_name)
 
   def step(carry, _):
