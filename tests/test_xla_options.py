@@ -1,4 +1,4 @@
-"""The steps' XLA compiler options: CPU gets XLA's own dot emitter unless the user says otherwise."""
+"""The steps' XLA compiler options: on CPU, XLA's own dot emitter unless the user opts out."""
 import jax
 import jax.numpy as jnp
 

@@ -34,11 +34,11 @@ Building blocks for other kernels. The loops work on a blocked layout (`query_bl
 `key_blocks`, `row_grads`) and carry their state, so a caller can feed key shards one after the
 other: `fold_key_blocks` (forward: online-softmax state across shards) and `backward_key_blocks`
 (gradients added in place) are the ring kernel's step (ring.py); with `pass_block` the ring
-hands each key block (and its dK/dV) to the next device as soon as it is done, so only one block
-per array is in flight (`fold_and_pass_key_blocks`, `backward_key_blocks(pass_block=...)`). Partial attention
-(partial.attend_with_lse) uses `blockwise_forward` -> (out [B,T,H,D], lse [B,T,H]; lse = -inf
-for rows that see no key) and `blockwise_backward` (a key shard's gradient given the GLOBAL
-out / lse). The block-pair math of online_softmax.py is re-exported here.
+hands each key block (and its dK/dV) to the next device once it is done, so only one block per
+array is in flight (`fold_and_pass_key_blocks`, `backward_key_blocks(pass_block=...)`). Partial
+attention (partial.attend_with_lse) uses `blockwise_forward` -> (out [B,T,H,D], lse [B,T,H];
+lse = -inf for rows that see no key) and `blockwise_backward` (a key shard's gradient given the
+GLOBAL out / lse). The block-pair math of online_softmax.py is re-exported here.
 
 Block sizes. Defaults DEFAULT_BLOCK_Q/K = 256, measured fastest on XLA:CPU (fwd+bwd, T 512-4096:
 128 ~ 256 < 512 << whole sequence; score tiles of 256x256 per head stay cache-resident, see
@@ -287,8 +287,9 @@ def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks
   Each query block still folds its key blocks in increasing order, so the state is the one
   `fold_key_blocks` computes, bit for bit. Only one block per array is ever in flight, instead
   of a whole shard, and it is read for sending only after its use (`_index_after`), when the
-  block pairs' score temporaries are dead, so the copies in flight reuse their memory. `pass_block` runs n_k times whatever the visit lists (collectives must be
-  uniform across devices). -> (state, kb holding the passed blocks).
+  block pairs' score temporaries are dead, so the copies in flight reuse their memory.
+  `pass_block` runs n_k times whatever the visit lists (collectives must be uniform across
+  devices). -> (state, kb holding the passed blocks).
   """
   rows, count = visit_lists(block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
   kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
@@ -361,12 +362,12 @@ def backward_key_blocks(grads, qb: QueryBlocks, rg: RowGrads, kb: KeyBlocks, *, 
 def zeros_grads(qb: QueryBlocks, kb: KeyBlocks, rg: RowGrads, *vary_refs):
   """float32 zeros (dq, dk, dv) in the blocked layout, typed like the inputs under shard_map.
 
-  Computed as 0 * delta[0] (delta = rowsum(dO * O) exists only once the forward is done): a
-  constant zero would be hoisted by XLA to the start of a fused forward+backward program and
-  shared with the forward's zero-initialised state, costing live shard-sized buffers (and
-  copies) through the whole forward. The product is 0 for any finite delta.
+  Computed from delta (delta = rowsum(dO * O) exists only once the forward is done) as
+  float(delta[0] > inf), which is 0 for every float, NaN included: a constant zero would be
+  hoisted by XLA to the start of a fused forward+backward program and shared with the forward's
+  zero-initialised state, costing live shard-sized buffers (and copies) through the forward.
   """
-  zero = 0.0 * rg.delta.reshape(-1)[0].astype(_F32)
+  zero = (jnp.ravel(rg.delta)[0] > jnp.inf).astype(_F32)
   z = lambda x: vary_like(jnp.broadcast_to(zero, x.shape), *qb, *kb, *rg, *vary_refs)
   return z(qb.q), z(kb.k), z(kb.v)
 
