@@ -350,23 +350,15 @@ def run_hlo_case():
          all_gather=text.count("all_gather"), reduce_scatter=text.count("reduce_scatter"))
 
 
+CASES = {"errors": run_error_cases, "hlo": run_hlo_case, "registry": run_registry_case,
+         "padded": run_padded_case, "bf16": run_bf16_case, "memory": run_memory_case,
+         "grad": run_grad_cases}
+
+
 def main():
   t0 = time.time()
-  which = sys.argv[1:] or ["errors", "hlo", "registry", "padded", "bf16", "memory", "grad"]
-  if "errors" in which:
-    run_error_cases()
-  if "hlo" in which:
-    run_hlo_case()
-  if "registry" in which:
-    run_registry_case()
-  if "padded" in which:
-    run_padded_case()
-  if "bf16" in which:
-    run_bf16_case()
-  if "memory" in which:
-    run_memory_case()
-  if "grad" in which:
-    run_grad_cases()
+  for name in sys.argv[1:] or list(CASES):  # e.g. `python tests/ring_worker.py bf16 memory`
+    CASES[name]()
   emit(case="done", seconds=time.time() - t0, devices=len(jax.devices()))
 
 
