@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ctxjax.model.quant import ABSMAX  # the marker of a quantized projection
+
 # Keys whose change makes a checkpoint's parameters mean something else (or not fit).
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -129,9 +131,6 @@ def _unflat(flat: dict[tuple, Any]) -> dict:
   return out
 
 
-QUANT_ABSMAX = "kernel_absmax"  # quant.ABSMAX: the marker of a quantized projection
-
-
 def restore_params(workdir: str, abstract_params, *, model_config: dict, step: int | None = None,
                    quantize_on_load=None) -> tuple[dict, list[str], int]:
   """Parameters only, from another ctxjax training run's newest (or `step`) checkpoint — the
@@ -165,7 +164,7 @@ def restore_params(workdir: str, abstract_params, *, model_config: dict, step: i
   # `quantize_on_load` (codes + absmax) after the rest.
   to_quantize = {p: have for p, have in saved.items()
                  if quantize_on_load is not None and p not in wanted and p[-1] == "kernel" and
-                 p[:-1] + (QUANT_ABSMAX,) in wanted}
+                 p[:-1] + (ABSMAX,) in wanted}
   saved = {p: have for p, have in saved.items() if p not in to_quantize}
   for path, have in saved.items():
     if path in wanted and tuple(have.shape) != tuple(wanted[path].shape):
@@ -182,7 +181,7 @@ def restore_params(workdir: str, abstract_params, *, model_config: dict, step: i
                                    partial_restore=True)))["state"]["params"]
   restored = _flat(restore(present, restore_args))
   for path, have in sorted(to_quantize.items()):
-    mesh = wanted[path[:-1] + (QUANT_ABSMAX,)].sharding.mesh
+    mesh = wanted[path[:-1] + (ABSMAX,)].sharding.mesh
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     leaf = _unflat({path: jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=whole)})
     kernel = _flat(restore(leaf, _unflat({path: ocp.ArrayRestoreArgs(sharding=whole)})))[path]
