@@ -52,7 +52,8 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ctxjax.attention import blockwise, make_pattern, ring  # noqa: E402
+from ctxjax.attention import blockwise, layouts, make_pattern  # noqa: E402
+from ctxjax.attention import context_parallel as cp  # noqa: E402
 from attention_blockwise import _mem_available_bytes  # noqa: E402  (same folder)
 
 BATCH, HEADS, HEAD_DIM = 1, 8, 64
@@ -88,10 +89,10 @@ def _cp_case(t, n, strategy, layout, block=None):
   mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,),
                        devices=jax.devices()[:n])
   spec, row = NamedSharding(mesh, P(None, "context")), NamedSharding(mesh, P(None, "context"))
-  pos = ring.reorder_for_context_parallel(np.arange(t, dtype=np.int32)[None], 1, n, layout)
+  pos = layouts.reorder_for_context_parallel(np.arange(t, dtype=np.int32)[None], 1, n, layout)
   pos = jax.device_put(pos, row)
   seg = jax.device_put(np.ones((BATCH, t), np.int32), row)
-  fn = _fwd_bwd(lambda q, k, v: ring.context_parallel_attend(
+  fn = _fwd_bwd(lambda q, k, v: cp.context_parallel_attend(
       q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
       pattern=CAUSAL, mesh=mesh, strategy=strategy, block_q=block, block_k=block))
   # Random data stands for tokens already permuted at load (the layout only moves tokens).
@@ -188,7 +189,7 @@ def ring_block_schedule(t, n, layout, block=blockwise.DEFAULT_BLOCK_Q) -> dict:
   min(k) <= max(q) (`Causal.block_visible`) and its shard pair is visible. `critical_path` =
   sum over steps of the busiest device's blocks: the ring's time on real parallel devices
   (steps are synchronous); `total` = all devices' blocks (the time on shared CPU cores)."""
-  tok = ring.device_tokens(t, n, layout)
+  tok = layouts.device_tokens(t, n, layout)
   blk = min(block, tok.shape[1])
   lo = tok.reshape(n, -1, blk).min(-1)
   hi = tok.reshape(n, -1, blk).max(-1)
@@ -230,7 +231,7 @@ def bench_length(t, rounds, contiguous_max_len, budget):
       t0 = time.perf_counter()
       jax.block_until_ready(compiled[name](*args[name]))
       times[name].append(time.perf_counter() - t0)
-  counts = {layout: ring.causal_pair_counts(t, N_DEV, layout).tolist()
+  counts = {layout: layouts.causal_pair_counts(t, N_DEV, layout).tolist()
             for layout in ("contiguous", "zigzag")}
   row = {"T": t, "rounds": rounds, "median_s": {k: float(np.median(v)) for k, v in times.items()},
          "min_s": {k: float(np.min(v)) for k, v in times.items()}, "first_call_s": first,
@@ -238,7 +239,7 @@ def bench_length(t, rounds, contiguous_max_len, budget):
          "causal_pairs_per_device_max_over_mean": {
              k: float(max(v) / np.mean(v)) for k, v in counts.items()},
          "ring_block_schedule": {layout: ring_block_schedule(t, N_DEV, layout)
-                                 for layout in ring.LAYOUTS}}
+                                 for layout in layouts.LAYOUTS}}
   return row
 
 

@@ -34,7 +34,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import AxisType, PartitionSpec as P  # noqa: E402
 
 from ctxjax.attention import attend, make_pattern  # noqa: E402
-from ctxjax.attention import ring  # noqa: E402
+from ctxjax.attention import context_parallel as cp  # noqa: E402
+from ctxjax.attention import layouts, ring  # noqa: E402
 from ctxjax.attention.reference import reference_attention  # noqa: E402
 
 B, T, H, KV, D = 2, 96, 4, 2, 16  # GQA: 2 query heads per kv head; T divisible by 2*8
@@ -102,9 +103,9 @@ def make_check(mesh, n, pattern, block="chunk"):
     lay = lambda x: jnp.take(x, perm, axis=1)
     unlay = lambda x: jnp.take(x, inv, axis=1)
     errs = {}
-    for impl in ring.STRATEGIES:
+    for impl in cp.STRATEGIES:
       def fn(q, k, v, impl=impl):
-        out = ring.context_parallel_attend(
+        out = cp.context_parallel_attend(
             lay(q), lay(k), lay(v), q_positions=lay(pos), k_positions=lay(pos),
             q_segment_ids=lay(seg), k_segment_ids=lay(seg), pattern=pattern,
             alibi_slopes=slopes, mesh=mesh, strategy=impl, block_q=block, block_k=block)
@@ -125,8 +126,8 @@ def run_grad_cases():
                          devices=devices[:n])
     for pname, pattern in PATTERNS.items():
       check = make_check(mesh, n, pattern)
-      for layout in ring.LAYOUTS:
-        perm = ring.context_parallel_permutation(T, n, layout)
+      for layout in layouts.LAYOUTS:
+        perm = layouts.context_parallel_permutation(T, n, layout)
         perm_j, inv_j = jnp.asarray(perm, jnp.int32), jnp.asarray(np.argsort(perm), jnp.int32)
         for dname, (pos, seg, slopes) in variants.items():
           errs, scale = jax.device_get(check(q, k, v, do, jnp.asarray(pos), jnp.asarray(seg),
@@ -155,7 +156,7 @@ def run_padded_case():
     for pname, pattern in (("sliding_window", PATTERNS["sliding_window"]),):
       check = make_check(mesh, n, pattern, block=None)
       for layout in ("contiguous", "striped"):
-        perm = ring.context_parallel_permutation(t, n, layout)
+        perm = layouts.context_parallel_permutation(t, n, layout)
         errs, scale = jax.device_get(check(
             q, k, v, do, jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(SLOPES),
             jnp.asarray(perm, jnp.int32), jnp.asarray(np.argsort(perm), jnp.int32)))
@@ -176,7 +177,7 @@ def run_bf16_case():
                        devices=jax.devices()[:n])
   q, k, v, do = (x.astype(jnp.bfloat16) for x in random_inputs(seed=5))
   pos, seg, slopes = data_variants()["packed_alibi"]
-  perm = ring.context_parallel_permutation(T, n, "zigzag")
+  perm = layouts.context_parallel_permutation(T, n, "zigzag")
   kw = dict(q_positions=jnp.asarray(pos), k_positions=jnp.asarray(pos),
             q_segment_ids=jnp.asarray(seg), k_segment_ids=jnp.asarray(seg),
             pattern=PATTERNS["causal"], alibi_slopes=jnp.asarray(slopes))
@@ -192,11 +193,11 @@ def run_bf16_case():
     lay = lambda x: jnp.take(x, jnp.asarray(perm), axis=1)
     unlay = lambda x: jnp.take(x, jnp.asarray(np.argsort(perm)), axis=1)
     errs = {"reference_bf16": max_errs([f32(x) for x in ref_bf16], want)}
-    for impl in ring.STRATEGIES:
+    for impl in cp.STRATEGIES:
       def fn(q, k, v, impl=impl):
         lkw = {key: lay(val) if key.endswith(("positions", "segment_ids")) else val
                for key, val in kw.items()}
-        return unlay(ring.context_parallel_attend(lay(q), lay(k), lay(v), mesh=mesh,
+        return unlay(cp.context_parallel_attend(lay(q), lay(k), lay(v), mesh=mesh,
                                                   strategy=impl, **lkw))
       got = vjp_all(fn, q, k, v, do)
       dtypes[impl] = [str(x.dtype) for x in got]
@@ -205,7 +206,7 @@ def run_bf16_case():
 
   errs = check(q, k, v, do)
   errs = jax.device_get(errs)
-  for impl in ring.STRATEGIES:
+  for impl in cp.STRATEGIES:
     emit(case="bf16", impl=impl, dtypes=dtypes[impl],
          err={key: float(val) for key, val in errs[impl].items()},
          ref_err={key: float(val) for key, val in errs["reference_bf16"].items()})
@@ -233,11 +234,11 @@ def run_memory_case():
   n, t = 8, 8 * L
   mesh = jax.make_mesh((n,), ("context",), axis_types=(AxisType.Auto,))
   sharding = jax.sharding.NamedSharding(mesh, P(None, "context"))
-  pos8 = jax.device_put(ring.reorder_for_context_parallel(
+  pos8 = jax.device_put(layouts.reorder_for_context_parallel(
       np.arange(t, dtype=np.int32)[None], 1, n, "zigzag"), sharding)
   seg8 = jax.device_put(np.ones((1, t), np.int32), sharding)
   args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding) for x in ones(t)]
-  per_device = peak(lambda q, k, v: ring.context_parallel_attend(
+  per_device = peak(lambda q, k, v: cp.context_parallel_attend(
       q, k, v, q_positions=pos8, k_positions=pos8, q_segment_ids=seg8, k_segment_ids=seg8,
       pattern=PATTERNS["causal"], mesh=mesh, strategy="ring", block_q=block, block_k=block),
       args)
@@ -257,8 +258,8 @@ def run_registry_case():
   seg = np.ones((B, t), np.int32)
   seg[0, 29:] = 2  # two documents in row 0, the boundary inside a shard
   pos = packed_positions(seg)
-  r = lambda x: ring.reorder_for_context_parallel(np.asarray(x), 1, n, "zigzag")
-  u = lambda x: ring.restore_from_context_parallel(np.asarray(x), 1, n, "zigzag")
+  r = lambda x: layouts.reorder_for_context_parallel(np.asarray(x), 1, n, "zigzag")
+  u = lambda x: layouts.restore_from_context_parallel(np.asarray(x), 1, n, "zigzag")
   pattern = PATTERNS["causal"]
   kw_nat = dict(q_positions=jnp.asarray(pos), k_positions=jnp.asarray(pos),
                 q_segment_ids=jnp.asarray(seg), k_segment_ids=jnp.asarray(seg), pattern=pattern)
@@ -267,7 +268,7 @@ def run_registry_case():
   want = [np.asarray(w) for w in want]
   with jax.set_mesh(mesh):
     pos_r, seg_r = jnp.asarray(r(pos)), jnp.asarray(r(seg))
-    for impl in ring.STRATEGIES:
+    for impl in cp.STRATEGIES:
       @jax.jit
       def run(q, k, v, do, impl=impl):
         fn = lambda q, k, v: attend(q, k, v, q_positions=pos_r, k_positions=pos_r,
@@ -305,7 +306,7 @@ def run_error_cases():
     q, k, v, _ = random_inputs(t=t)
     pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (B, t)))
     seg = jnp.ones((B, t), jnp.int32)
-    return ring.context_parallel_attend(q, k, v, q_positions=pos, k_positions=pos,
+    return cp.context_parallel_attend(q, k, v, q_positions=pos, k_positions=pos,
                                         q_segment_ids=seg, k_segment_ids=seg, pattern=pattern,
                                         **kw)
 
@@ -341,8 +342,8 @@ def run_hlo_case():
   q, k, v, do = random_inputs(t=64)
   pos = jnp.asarray(np.broadcast_to(np.arange(64, dtype=np.int32), (B, 64)))
   seg = jnp.ones((B, 64), jnp.int32)
-  for impl in ring.STRATEGIES:
-    fn = lambda q, k, v, impl=impl: ring.context_parallel_attend(
+  for impl in cp.STRATEGIES:
+    fn = lambda q, k, v, impl=impl: cp.context_parallel_attend(
         q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg, k_segment_ids=seg,
         pattern=PATTERNS["causal"], mesh=mesh, strategy=impl)
     text = jax.jit(lambda q, k, v, do: vjp_all(fn, q, k, v, do)).lower(q, k, v, do).as_text()

@@ -11,6 +11,7 @@ import pytest
 
 from ctxjax.attention import attend, make_pattern
 from ctxjax.attention import blockwise as bw
+from ctxjax.attention import ring_loops
 from ctxjax.attention.reference import reference_attention
 
 try:
@@ -359,9 +360,10 @@ def test_ring_building_blocks():
 
 
 def test_pass_on_loops_equal_the_plain_loops_bit_for_bit():
-  """The ring's key-major loops that hand each key block on (`fold_and_pass_key_blocks`,
-  `backward_key_blocks(pass_block=...)`) compute exactly what the plain loops compute; with a
-  pass that marks each block (+1 on K/V, + 100 on dK/dV) every block is passed exactly once."""
+  """The ring's key-major loops that hand each key block on (ring_loops:
+  `fold_and_pass_key_blocks`, `backward_and_pass_key_blocks`) compute exactly what the plain
+  loops compute; with a pass that marks each block (+1 on K/V, + 100 on dK/dV) every block is
+  passed exactly once."""
   q, k, v, do = _inputs(T, h=4, kv=2, seed=11)
   seg = _packed_segments(T)
   pos = _packed_positions(seg)
@@ -375,14 +377,15 @@ def test_pass_on_loops_equal_the_plain_loops_bit_for_bit():
     state0 = bw.init_blocked_state(qb, *kb)
     plain = bw.fold_key_blocks(state0, qb, kb, **kw)
     mark = lambda b: bw.KeyBlocks(b.k + 1, b.v + 1, b.pos, b.seg)
-    passed, kb_after = bw.fold_and_pass_key_blocks(state0, qb, kb, pass_block=mark, **kw)
+    passed, kb_after = ring_loops.fold_and_pass_key_blocks(state0, qb, kb, pass_block=mark, **kw)
     out, lse = bw.finalize_state(plain)
     rg = bw.row_grads(do.reshape(B, T, 2, 2, D), bw.stat_unblocks(lse),
                       jnp.sum(bw.q_unblocks(out) * do.reshape(B, T, 2, 2, D), -1), 16)
     zeros = bw.zeros_grads(qb, kb, rg)
     grads = bw.backward_key_blocks(zeros, qb, rg, kb, **kw)
     mark_all = lambda x: (mark(x[0]), x[1] + 100, x[2] + 100)
-    grads_passed = bw.backward_key_blocks(zeros, qb, rg, kb, pass_block=mark_all, **kw)
+    grads_passed = ring_loops.backward_and_pass_key_blocks(zeros, qb, rg, kb,
+                                                           pass_block=mark_all, **kw)
     return plain, passed, kb, kb_after, grads, grads_passed
 
   plain, passed, kb, kb_after, grads, (dq, dk, dv, kb_back) = run(q, k, v, do)

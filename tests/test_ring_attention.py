@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 from ctxjax.attention import attend, make_pattern
-from ctxjax.attention import ring
+from ctxjax.attention import context_parallel as cp
+from ctxjax.attention import layouts
 
 FP32_TOL = 1e-5
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ring_worker.py")
@@ -27,56 +28,56 @@ DATA = ("plain", "packed_alibi")
 
 
 # ----------------------------------------------------------------------------------------------
-# Layouts (TECHNIQUES.md §18 table: T 16, n 4)
+# Layouts (layouts.py table: T 16, n 4)
 # ----------------------------------------------------------------------------------------------
 
 def test_layout_vectors_match_table():
-  dev = lambda s: ring.device_tokens(16, 4, s).tolist()
+  dev = lambda s: layouts.device_tokens(16, 4, s).tolist()
   assert dev("contiguous") == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
   assert dev("zigzag") == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
   assert dev("striped") == [[0, 4, 8, 12], [1, 5, 9, 13], [2, 6, 10, 14], [3, 7, 11, 15]]
 
 
 def test_causal_pair_counts_match_table():
-  assert ring.causal_pair_counts(16, 4, "contiguous").tolist() == [10, 26, 42, 58]
-  assert ring.causal_pair_counts(16, 4, "zigzag").tolist() == [34, 34, 34, 34]
-  assert ring.causal_pair_counts(16, 4, "striped").tolist() == [28, 32, 36, 40]
-  for s in ring.LAYOUTS:  # every layout covers all T(T+1)/2 causal pairs
-    assert ring.causal_pair_counts(16, 4, s).sum() == 16 * 17 // 2
+  assert layouts.causal_pair_counts(16, 4, "contiguous").tolist() == [10, 26, 42, 58]
+  assert layouts.causal_pair_counts(16, 4, "zigzag").tolist() == [34, 34, 34, 34]
+  assert layouts.causal_pair_counts(16, 4, "striped").tolist() == [28, 32, 36, 40]
+  for s in layouts.LAYOUTS:  # every layout covers all T(T+1)/2 causal pairs
+    assert layouts.causal_pair_counts(16, 4, s).sum() == 16 * 17 // 2
 
 
 def test_block_pair_densities():
-  zig = ring.causal_pair_matrix(16, 4, "zigzag")
+  zig = layouts.causal_pair_matrix(16, 4, "zigzag")
   off = ~np.eye(4, dtype=bool)
   assert (zig[off] == 8).all()  # off-diagonal zigzag block pairs are exactly half-dense (8/16)
-  striped = ring.causal_pair_matrix(16, 4, "striped")
+  striped = layouts.causal_pair_matrix(16, 4, "striped")
   assert set(striped[off].tolist()) == {6, 10}
   assert (np.diag(striped) == 10).all()
-  contiguous = ring.causal_pair_matrix(16, 4, "contiguous")
+  contiguous = layouts.causal_pair_matrix(16, 4, "contiguous")
   assert (contiguous[np.triu_indices(4, 1)] == 0).all()  # the skippable upper triangle
 
 
-@pytest.mark.parametrize("strategy", ring.LAYOUTS)
+@pytest.mark.parametrize("strategy", layouts.LAYOUTS)
 def test_reorder_roundtrip_numpy_and_jax(strategy):
   x = np.arange(2 * 24 * 3).reshape(2, 24, 3)
-  y = ring.reorder_for_context_parallel(x, 1, 4, strategy)
+  y = layouts.reorder_for_context_parallel(x, 1, 4, strategy)
   assert isinstance(y, np.ndarray)
-  np.testing.assert_array_equal(y[0, :, 0], x[0, ring.context_parallel_permutation(24, 4,
+  np.testing.assert_array_equal(y[0, :, 0], x[0, layouts.context_parallel_permutation(24, 4,
                                                                                    strategy), 0])
-  np.testing.assert_array_equal(ring.restore_from_context_parallel(y, 1, 4, strategy), x)
-  yj = ring.reorder_for_context_parallel(jnp.asarray(x), -2, 4, strategy)
+  np.testing.assert_array_equal(layouts.restore_from_context_parallel(y, 1, 4, strategy), x)
+  yj = layouts.reorder_for_context_parallel(jnp.asarray(x), -2, 4, strategy)
   np.testing.assert_array_equal(np.asarray(yj), y)
-  np.testing.assert_array_equal(np.asarray(ring.restore_from_context_parallel(yj, 1, 4,
+  np.testing.assert_array_equal(np.asarray(layouts.restore_from_context_parallel(yj, 1, 4,
                                                                               strategy)), x)
 
 
 def test_layout_errors():
   with pytest.raises(ValueError, match="divisible by 8"):
-    ring.context_parallel_permutation(20, 4, "zigzag")  # zigzag needs 2n chunks
+    layouts.context_parallel_permutation(20, 4, "zigzag")  # zigzag needs 2n chunks
   with pytest.raises(ValueError, match="divisible by 3"):
-    ring.reorder_for_context_parallel(np.zeros((1, 10)), 1, 3, "striped")
+    layouts.reorder_for_context_parallel(np.zeros((1, 10)), 1, 3, "striped")
   with pytest.raises(ValueError, match="valid choices"):
-    ring.context_parallel_permutation(16, 4, "dual_chunk")
+    layouts.context_parallel_permutation(16, 4, "dual_chunk")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,8 +153,8 @@ def _assert_close(row):
   assert not bad, f"max abs error over {FP32_TOL}: {bad} in {row}"
 
 
-@pytest.mark.parametrize("impl", ring.STRATEGIES)
-@pytest.mark.parametrize("layout", ring.LAYOUTS)
+@pytest.mark.parametrize("impl", cp.STRATEGIES)
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
 @pytest.mark.parametrize("pattern", PATTERN_NAMES)
 @pytest.mark.parametrize("n", DEVICE_COUNTS)
 def test_matches_reference_multi_device(worker_results, n, pattern, layout, impl):
@@ -171,13 +172,13 @@ def test_padded_shards_match_reference(worker_results):
   """Shards of 37 tokens (no block divisor): padded K/V blocks travel round the ring and are
   never seen; contiguous and striped layouts, sliding window, ring and all_gather."""
   rows = [r for r in worker_results if r["case"] == "padded"]
-  assert len(rows) == 2 * len(ring.STRATEGIES)
+  assert len(rows) == 2 * len(cp.STRATEGIES)
   for row in rows:
     assert min(row["scale"].values()) > 0.1
     _assert_close(row)
 
 
-@pytest.mark.parametrize("impl", ring.STRATEGIES)
+@pytest.mark.parametrize("impl", cp.STRATEGIES)
 def test_registry_on_2d_explicit_mesh(worker_results, impl):
   """attend(impl=...) inside jit under jax.set_mesh((data 2, context 4), Explicit): zigzag
   layout from numpy at load, output typed like q."""
@@ -204,7 +205,7 @@ def test_clear_errors(worker_results, name):
 BF16_SLACK = 1e-2
 
 
-@pytest.mark.parametrize("impl", ring.STRATEGIES)
+@pytest.mark.parametrize("impl", cp.STRATEGIES)
 def test_bf16_matches_reference(worker_results, impl):
   """bf16 inputs on 4 devices (zigzag, causal, packed + ALiBi): outputs and gradients stay
   bf16, and are as close to the float32 reference as the dense reference run in bf16."""

@@ -9,15 +9,15 @@ from __future__ import annotations
 from typing import Callable
 
 from ctxjax.attention.patterns import Pattern
+from ctxjax.attention.shapes import check_shapes
+from ctxjax.registry import Registry
 
-IMPLEMENTATIONS: dict[str, Callable] = {}
+IMPLEMENTATIONS: Registry[Callable] = Registry("model.attention_impl")
 
 
 def register_implementation(name: str):
-  def wrap(fn):
-    IMPLEMENTATIONS[name] = fn
-    return fn
-  return wrap
+  """Decorator: make a kernel available as `attend(..., impl=name)`."""
+  return IMPLEMENTATIONS.register(name)
 
 
 def attend(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids, k_segment_ids,
@@ -29,22 +29,9 @@ def attend(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids, k
   query sees only keys of its own segment); alibi_slopes: float [heads] or None.
   Returns [batch, q_len, heads, head_dim] in q's dtype.
   """
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"attention impl={impl!r}; valid choices: {sorted(IMPLEMENTATIONS)}")
-  batch, q_len, num_heads, head_dim = q_BTHD.shape
-  if k_BSKD.shape != v_BSKD.shape or k_BSKD.shape[0] != batch or k_BSKD.shape[3] != head_dim:
-    raise ValueError(f"attention shapes do not match: q {q_BTHD.shape}, k {k_BSKD.shape}, "
-                     f"v {v_BSKD.shape} (want [batch, len, heads, head_dim])")
-  if num_heads % k_BSKD.shape[2]:
-    raise ValueError(f"query heads ({num_heads}) must be a multiple of kv heads "
-                     f"({k_BSKD.shape[2]})")
-  for name, arr, length in (("q_positions", q_positions, q_len),
-                            ("q_segment_ids", q_segment_ids, q_len),
-                            ("k_positions", k_positions, k_BSKD.shape[1]),
-                            ("k_segment_ids", k_segment_ids, k_BSKD.shape[1])):
-    if arr.shape != (batch, length):
-      raise ValueError(f"attention {name} has shape {arr.shape}, want {(batch, length)}")
-  return IMPLEMENTATIONS[impl](
+  kernel = IMPLEMENTATIONS.get(impl)
+  check_shapes(q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids)
+  return kernel(
       q_BTHD, k_BSKD, v_BSKD, q_positions=q_positions, k_positions=k_positions,
       q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, pattern=pattern,
       alibi_slopes=alibi_slopes, scale=scale)

@@ -1,14 +1,16 @@
 """Blockwise (memory-efficient / flash-style) attention that computes only visible block pairs.
 
-Same contract as `reference` (TECHNIQUES.md §17): float32 scores and softmax whatever the input
-dtype, grouped-query attention by viewing queries as [batch, kv_heads, group, ...] (query head h
-reads kv head h // group), a query sees only keys of its own segment, ALiBi = -slope_h*(q_pos -
-k_pos) from GLOBAL positions, and a row with no visible key outputs 0.
+Rabe & Staats 2021 (self-attention does not need O(n^2) memory) and Dao et al. 2022
+(FlashAttention, Algorithm 1; its backward as FlashAttention-2, Dao 2023, Algorithm 2). Same
+contract as `reference`: float32 scores and softmax whatever the input dtype, grouped-query
+attention by viewing queries as [batch, kv_heads, group, ...] (query head h reads kv head
+h // group), a query sees only keys of its own segment, ALiBi = -slope_h*(q_pos - k_pos) from
+GLOBAL positions (Press et al. 2022), and a row with no visible key outputs 0.
 
 Algorithm
-  * Queries are cut into blocks of `block_q`, keys/values into blocks of `block_k`. Each query
-    block keeps an online-softmax state (running max m, denominator l, f32 accumulator) and folds
-    its visible key blocks in one at a time (online_softmax.py).
+  * Queries are cut into blocks of `block_q`, keys/values into blocks of `block_k` (blocks.py).
+    Each query block keeps an online-softmax state (running max m, denominator l, f32
+    accumulator) and folds its visible key blocks in one at a time (online_softmax.py).
   * Visit lists. Positions are data, so which (query block, key block) pairs can hold a visible
     pair is decided at run time from each block's min/max position (`pattern.block_visible`)
     and min/max segment id (ranges must overlap): the bool [n_q, n_k] `visit_schedule`. It is
@@ -25,20 +27,18 @@ Algorithm
     invisible for every batch row (batch rows share one loop).
   * Gradient: `jax.custom_vjp`. The forward saves only (q, k, v, out, lse); the backward
     recomputes each visible block's scores, P = exp(S - lse), and accumulates dq, dk, dv
-    (FlashAttention-2 style: dS = P * (dP - rowsum(dO * O))). Activation memory is linear in T.
-    The loops have data-dependent trip counts, so `_forward_blocks` is not reverse-differentiable
-    by itself: gradients go through the custom_vjp (`blockwise_attention`, `attend_with_lse`,
+    (dS = P * (dP - rowsum(dO * O))). Activation memory is linear in T. The loops have
+    data-dependent trip counts, so `_forward_blocks` is not reverse-differentiable by itself:
+    gradients go through the custom_vjp (`blockwise_attention`, `partial.attend_with_lse`,
     ring's own custom_vjp).
 
-Building blocks for other kernels. The loops work on a blocked layout (`query_blocks`,
-`key_blocks`, `row_grads`) and carry their state, so a caller can feed key shards one after the
-other: `fold_key_blocks` (forward: online-softmax state across shards) and `backward_key_blocks`
-(gradients added in place) are the ring kernel's step (ring.py); with `pass_block` the ring
-hands each key block (and its dK/dV) to the next device once it is done, so only one block per
-array is in flight (`fold_and_pass_key_blocks`, `backward_key_blocks(pass_block=...)`). Partial
-attention (partial.attend_with_lse) uses `blockwise_forward` -> (out [B,T,H,D], lse [B,T,H];
-lse = -inf for rows that see no key) and `blockwise_backward` (a key shard's gradient given the
-GLOBAL out / lse). The block-pair math of online_softmax.py is re-exported here.
+Building blocks for other kernels. The loops work on the blocked layout and carry their state,
+so a caller can feed key shards one after the other: `fold_key_blocks` (forward: online-softmax
+state across shards) and `backward_key_blocks` (gradients added in place); the ring's variants
+that hand each key block on once used are in ring_loops.py (they share `key_block_backward`).
+Partial attention (partial.attend_with_lse) uses `blockwise_forward` -> (out [B,T,H,D],
+lse [B,T,H]; lse = -inf for rows that see no key) and `blockwise_backward` (a key shard's
+gradient given the GLOBAL out / lse).
 
 Block sizes. Defaults DEFAULT_BLOCK_Q/K = 256, measured fastest on XLA:CPU (fwd+bwd, T 512-4096:
 128 ~ 256 < 512 << whole sequence; score tiles of 256x256 per head stay cache-resident, see
@@ -51,17 +51,20 @@ key length, else ValueError.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ctxjax.attention.api import register_implementation
+from ctxjax.attention.blocks import (  # noqa: F401  (re-exported: tests, benchmarks)
+    KeyBlocks, QueryBlocks, RowGrads, block_schedule, count_visits, key_blocks, kv_unblocks,
+    put_blocks, q_unblocks, query_blocks, row_grads, stat_blocks, stat_unblocks, take_blocks,
+    visit_lists, visit_schedule)
 from ctxjax.attention.online_softmax import (  # noqa: F401  (re-exported: ring, dilated, tests)
     SoftmaxState, block_backward, block_logits, combine_partials, finalize_state, init_state,
     merge_partials, online_softmax_update, vary_like)
-from ctxjax.attention.patterns import Pattern
+from ctxjax.attention.shapes import pad_rows
 
 DEFAULT_BLOCK_Q = 256
 DEFAULT_BLOCK_K = 256
@@ -71,7 +74,7 @@ _F32 = jnp.float32
 
 
 # ----------------------------------------------------------------------------------------------
-# Block sizes and the visit schedule
+# Block sizes
 # ----------------------------------------------------------------------------------------------
 
 def choose_block(length: int, requested: int | None, default: int, name: str) -> tuple[int, int]:
@@ -99,149 +102,8 @@ def choose_block(length: int, requested: int | None, default: int, name: str) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# Blocked layout: a leading block axis, so a loop reads block i by dynamic index
+# Block loops (state and gradients are carried across calls: the ring feeds shard after shard)
 # ----------------------------------------------------------------------------------------------
-
-class QueryBlocks(NamedTuple):
-  q: jax.Array    # [n_q, B, K, G, bq, D]
-  pos: jax.Array  # int [n_q, B, bq]: GLOBAL positions
-  seg: jax.Array  # int [n_q, B, bq]: segment ids
-
-
-class KeyBlocks(NamedTuple):
-  k: jax.Array    # [n_k, B, K, bk, D]
-  v: jax.Array    # [n_k, B, K, bk, D]
-  pos: jax.Array  # int [n_k, B, bk]
-  seg: jax.Array  # int [n_k, B, bk]
-
-
-class RowGrads(NamedTuple):
-  """What the backward reads per query row: the output cotangent and the GLOBAL statistics."""
-  do: jax.Array     # float32 [n_q, B, K, G, bq, D]
-  lse: jax.Array    # float32 [n_q, B, K, G, bq]
-  delta: jax.Array  # float32 [n_q, B, K, G, bq]: rowsum(dO * O) (minus any lse cotangent)
-
-
-def _q_blocks(x_BTKGD, block):
-  """[B, T, K, G, D] -> [n, B, K, G, block, D]."""
-  b, t, k, g, d = x_BTKGD.shape
-  return x_BTKGD.reshape(b, t // block, block, k, g, d).transpose(1, 0, 3, 4, 2, 5)
-
-
-def q_unblocks(x_nBKGbD):
-  """[n, B, K, G, block, D] -> [B, T, K, G, D]."""
-  n, b, k, g, blk, d = x_nBKGbD.shape
-  return x_nBKGbD.transpose(1, 0, 4, 2, 3, 5).reshape(b, n * blk, k, g, d)
-
-
-def _kv_blocks(x_BSKD, block):
-  """[B, S, K, D] -> [n, B, K, block, D]."""
-  b, s, k, d = x_BSKD.shape
-  return x_BSKD.reshape(b, s // block, block, k, d).transpose(1, 0, 3, 2, 4)
-
-
-def kv_unblocks(x_nBKbD):
-  """[n, B, K, block, D] -> [B, S, K, D]."""
-  n, b, k, blk, d = x_nBKbD.shape
-  return x_nBKbD.transpose(1, 0, 3, 2, 4).reshape(b, n * blk, k, d)
-
-
-def _row_blocks(x_BT, block):
-  """[B, T] -> [n, B, block]."""
-  b, t = x_BT.shape
-  return x_BT.reshape(b, t // block, block).transpose(1, 0, 2)
-
-
-def stat_blocks(x_BTKG, block):
-  """[B, T, K, G] -> [n, B, K, G, block]."""
-  b, t, k, g = x_BTKG.shape
-  return x_BTKG.reshape(b, t // block, block, k, g).transpose(1, 0, 3, 4, 2)
-
-
-def stat_unblocks(x_nBKGb):
-  """[n, B, K, G, block] -> [B, T, K, G]."""
-  n, b, k, g, blk = x_nBKGb.shape
-  return x_nBKGb.transpose(1, 0, 4, 2, 3).reshape(b, n * blk, k, g)
-
-
-def query_blocks(q_BTKGD, positions_BT, segment_ids_BT, block) -> QueryBlocks:
-  return QueryBlocks(_q_blocks(q_BTKGD, block), _row_blocks(positions_BT, block),
-                     _row_blocks(segment_ids_BT, block))
-
-
-def key_blocks(k_BSKD, v_BSKD, positions_BS, segment_ids_BS, block) -> KeyBlocks:
-  return KeyBlocks(_kv_blocks(k_BSKD, block), _kv_blocks(v_BSKD, block),
-                   _row_blocks(positions_BS, block), _row_blocks(segment_ids_BS, block))
-
-
-def row_grads(do_BTKGD, lse_BTKG, delta_BTKG, block) -> RowGrads:
-  return RowGrads(_q_blocks(do_BTKGD, block), stat_blocks(lse_BTKG, block),
-                  stat_blocks(delta_BTKG, block))
-
-
-# ----------------------------------------------------------------------------------------------
-# The visit schedule and its lists
-# ----------------------------------------------------------------------------------------------
-
-def block_schedule(q_pos_nBb, q_seg_nBb, k_pos_nBb, k_seg_nBb, *, pattern: Pattern):
-  """Bool [n_q, n_k] from blocked positions / segment ids ([n, B, block]); see visit_schedule."""
-  lo_hi = lambda x: (x.min(-1), x.max(-1))  # [n, B] each
-  (q_lo, q_hi), (k_lo, k_hi) = lo_hi(q_pos_nBb), lo_hi(k_pos_nBb)
-  (qs_lo, qs_hi), (ks_lo, ks_hi) = lo_hi(q_seg_nBb), lo_hi(k_seg_nBb)
-  e = lambda x: x[:, None, :]  # query blocks on axis 0
-  f = lambda x: x[None, :, :]  # key blocks on axis 1
-  vis = jnp.asarray(pattern.block_visible(e(q_lo), e(q_hi), f(k_lo), f(k_hi)))
-  vis = jnp.broadcast_to(vis, (q_lo.shape[0], k_lo.shape[0], q_lo.shape[1]))
-  vis &= (e(qs_lo) <= f(ks_hi)) & (f(ks_lo) <= e(qs_hi))
-  return vis.any(axis=-1)
-
-
-def visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids, *, pattern: Pattern,
-                   block_q: int, block_k: int):
-  """Bool [n_q, n_k]: which (query block, key block) pairs the kernel computes.
-
-  A pair is visited iff, for some batch row, `pattern.block_visible` holds on the blocks'
-  position ranges AND their segment-id ranges overlap. Everything else is never computed, in
-  forward and backward (the kernel loops over `visit_lists` of this schedule).
-  """
-  return block_schedule(_row_blocks(q_positions, block_q), _row_blocks(q_segment_ids, block_q),
-                        _row_blocks(k_positions, block_k), _row_blocks(k_segment_ids, block_k),
-                        pattern=pattern)
-
-
-def visit_lists(schedule):
-  """Compact a bool [rows, cols] schedule into the lists the kernel's loops run over.
-
-  -> (cols int32 [rows, cols]: row r's visited columns in increasing order, then the others
-  (never read); count int32 [rows]: how many are visited). The forward uses the schedule's
-  lists (key blocks per query block), the backward those of its transpose.
-  """
-  count = schedule.sum(axis=1, dtype=jnp.int32)
-  cols = jnp.argsort(jnp.logical_not(schedule), axis=1, stable=True).astype(jnp.int32)
-  return cols, count
-
-
-def count_visits(q_positions, k_positions, q_segment_ids, k_segment_ids, *, pattern: Pattern,
-                 block_q: int, block_k: int) -> int:
-  """Number of block pairs the kernel computes (forward; the backward visits the same)."""
-  _, count = visit_lists(visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids,
-                                        pattern=pattern, block_q=block_q, block_k=block_k))
-  return int(count.sum())
-
-
-# ----------------------------------------------------------------------------------------------
-# Block loops (also the ring kernel's inner step: state and gradients are carried across calls)
-# ----------------------------------------------------------------------------------------------
-
-def _take(blocks, index):
-  """The `index`-th block of each stacked [n, ...] array (dynamic index: one block copied)."""
-  return tuple(lax.dynamic_index_in_dim(x, index, 0, keepdims=False) for x in blocks)
-
-
-def _put(blocks, values, index):
-  """Write one block into each stacked array (in place inside a loop carry)."""
-  return tuple(lax.dynamic_update_index_in_dim(x, y, index, 0) for x, y in zip(blocks, values))
-
 
 def init_blocked_state(qb: QueryBlocks, *vary_refs) -> SoftmaxState:
   """Empty online-softmax state of every query block: [n_q, B, K, G, bq(, D)]."""
@@ -259,104 +121,65 @@ def fold_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, patt
   kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
 
   def q_step(i, state):
-    q_i, qp_i, qs_i = _take(qb, i)
+    q_i, qp_i, qs_i = take_blocks(qb, i)
 
     def visit(t, st):  # the t-th visible key block of query block i
-      k_j, v_j, kp_j, ks_j = _take(kb, cols[i, t])
+      k_j, v_j, kp_j, ks_j = take_blocks(kb, cols[i, t])
       return online_softmax_update(st, q_i, k_j, v_j, qp_i, kp_j, qs_i, ks_j, **kw)
 
-    state_i = lax.fori_loop(0, count[i], visit, SoftmaxState(*_take(state, i)))
-    return SoftmaxState(*_put(state, state_i, i))
+    state_i = lax.fori_loop(0, count[i], visit, SoftmaxState(*take_blocks(state, i)))
+    return SoftmaxState(*put_blocks(state, state_i, i))
 
   return lax.fori_loop(0, qb.q.shape[0], q_step, state)
 
 
-def _index_after(index, x):
-  """`index`, computed from `x` (x[0] > inf is False for every float, NaN included), so that
-  what is read at it is read only once `x` exists: a data dependency that orders the ring's
-  sends after the block's use, which XLA:CPU keeps (it drops optimization_barrier)."""
-  return index + (jnp.ravel(x)[0] > jnp.inf).astype(jnp.int32)
+def key_major_lists(qb: QueryBlocks, kb: KeyBlocks, pattern):
+  """For each key block, the query blocks that see it: (rows int32 [n_k, n_q], count [n_k])."""
+  return visit_lists(block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
 
 
-def fold_and_pass_key_blocks(state: SoftmaxState, qb: QueryBlocks, kb: KeyBlocks, *, pass_block,
-                             pattern, scale, alibi_slopes_KG=None):
-  """`fold_key_blocks`, key-major, handing each key block on as soon as it is used (ring).
-
-  For key block j: fold it into every query block that sees it (the transposed visit lists),
-  then replace slot j of `kb` with `pass_block(KeyBlocks of block j)` (the ring's ppermute).
-  Each query block still folds its key blocks in increasing order, so the state is the one
-  `fold_key_blocks` computes, bit for bit. Only one block per array is ever in flight, instead
-  of a whole shard, and it is read for sending only after its use (`_index_after`), when the
-  block pairs' score temporaries are dead, so the copies in flight reuse their memory.
-  `pass_block` runs n_k times whatever the visit lists (collectives must be uniform across
-  devices). -> (state, kb holding the passed blocks).
-  """
-  rows, count = visit_lists(block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
+def key_block_backward(carry, key_block_j, j, rows, count, qb: QueryBlocks, rg: RowGrads, *,
+                       pattern, scale, alibi_slopes_KG=None):
+  """Add the gradients of key block j's visible pairs: carry = (dk_j, dv_j, dq) float32 ->
+  the same, dq [n_q, ...] updated in place. Blocks are cast to float32 as they are used."""
+  k_j, v_j, kp_j, ks_j = key_block_j
   kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
 
-  def k_step(j, carry):
-    state, kb = carry
-    k_j, v_j, kp_j, ks_j = _take(kb, j)
+  def visit(t, carry):  # the t-th query block that sees key block j
+    dk_j, dv_j, dq = carry
+    i = rows[j, t]
+    (q_i, qp_i, qs_i), (do_i, lse_i, delta_i) = take_blocks(qb, i), take_blocks(rg, i)
+    dq_i, dk_ij, dv_ij = block_backward(q_i.astype(_F32), k_j.astype(_F32), v_j.astype(_F32),
+                                        do_i, lse_i, delta_i, qp_i, kp_j, qs_i, ks_j, **kw)
+    (dq_old,) = take_blocks((dq,), i)
+    (dq,) = put_blocks((dq,), (dq_old + dq_i,), i)
+    return dk_j + dk_ij, dv_j + dv_ij, dq
 
-    def visit(t, state):  # the t-th query block that sees key block j
-      i = rows[j, t]
-      q_i, qp_i, qs_i = _take(qb, i)
-      state_i = online_softmax_update(SoftmaxState(*_take(state, i)), q_i, k_j, v_j, qp_i,
-                                      kp_j, qs_i, ks_j, **kw)
-      return SoftmaxState(*_put(state, state_i, i))
-
-    state = lax.fori_loop(0, count[j], visit, state)
-    # Sent once used: the copies in flight then reuse the score temporaries' memory.
-    block_j = KeyBlocks(*_take(kb, _index_after(j, state.m)))
-    return state, KeyBlocks(*_put(kb, pass_block(block_j), j))
-
-  return lax.fori_loop(0, kb.k.shape[0], k_step, (state, kb))
+  return lax.fori_loop(0, count[j], visit, carry)
 
 
 def backward_key_blocks(grads, qb: QueryBlocks, rg: RowGrads, kb: KeyBlocks, *, pattern, scale,
-                        alibi_slopes_KG=None, pass_block=None):
+                        alibi_slopes_KG=None):
   """Add the gradient of every visible block pair to grads = (dq [n_q, B,K,G,bq,D],
   dk, dv [n_k, B,K,bk,D]) float32, blocked (backward; lse / delta must be the GLOBAL ones).
   q / k / v blocks may be in a narrower dtype: each block is cast to float32 as it is used.
 
   Key-major: for key block j, loop over the query blocks that see it (the transposed visit
   lists), accumulating its dk/dv in the loop carry and adding dq into query block i in place.
-
-  pass_block (ring): once key block j is done, `pass_block((KeyBlocks of block j, dk_j, dv_j))`
-  replaces its slots in kb, dk and dv (one block in flight instead of a shard); the result is
-  then (dq, dk, dv, kb holding the passed blocks).
   """
-  rows, count = visit_lists(
-      block_schedule(qb.pos, qb.seg, kb.pos, kb.seg, pattern=pattern).T)
+  rows, count = key_major_lists(qb, kb, pattern)
   kw = dict(pattern=pattern, scale=scale, alibi_slopes_KG=alibi_slopes_KG)
 
   def k_step(j, grads):
-    dq, dk, dv = grads[:3]
-    k_j, v_j, kp_j, ks_j = _take(kb if pass_block is None else grads[3], j)
+    dq, dk, dv = grads
+    key_block_j = take_blocks(kb, j)
+    dk_j, dv_j = take_blocks((dk, dv), j)
+    dk_j, dv_j, dq = key_block_backward((dk_j, dv_j, dq), key_block_j, j, rows, count, qb, rg,
+                                        **kw)
+    dk, dv = put_blocks((dk, dv), (dk_j, dv_j), j)
+    return dq, dk, dv
 
-    def visit(t, carry):  # the t-th query block that sees key block j
-      dk_j, dv_j, dq = carry
-      i = rows[j, t]
-      (q_i, qp_i, qs_i), (do_i, lse_i, delta_i) = _take(qb, i), _take(rg, i)
-      dq_i, dk_ij, dv_ij = block_backward(q_i.astype(_F32), k_j.astype(_F32), v_j.astype(_F32),
-                                          do_i, lse_i, delta_i, qp_i, kp_j, qs_i, ks_j, **kw)
-      (dq_old,) = _take((dq,), i)
-      (dq,) = _put((dq,), (dq_old + dq_i,), i)
-      return dk_j + dk_ij, dv_j + dv_ij, dq
-
-    dk_j, dv_j = _take((dk, dv), j)
-    dk_j, dv_j, dq = lax.fori_loop(0, count[j], visit, (dk_j, dv_j, dq))
-    if pass_block is None:
-      dk, dv = _put((dk, dv), (dk_j, dv_j), j)
-      return dq, dk, dv
-    # Sent once used: the copies in flight then reuse the score temporaries' memory.
-    block_j = KeyBlocks(*_take(grads[3], _index_after(j, dk_j)))
-    block_j, dk_j, dv_j = pass_block((block_j, dk_j, dv_j))
-    dk, dv = _put((dk, dv), (dk_j, dv_j), j)
-    return dq, dk, dv, KeyBlocks(*_put(grads[3], block_j, j))
-
-  carry = tuple(grads) + (() if pass_block is None else (kb,))
-  return lax.fori_loop(0, kb.k.shape[0], k_step, carry)
+  return lax.fori_loop(0, kb.k.shape[0], k_step, tuple(grads))
 
 
 def zeros_grads(qb: QueryBlocks, kb: KeyBlocks, rg: RowGrads, *vary_refs):
@@ -443,13 +266,11 @@ def _backward_from_residuals(q, k, v, out, lse_BTKG, d_out, q_pos, k_pos, q_seg,
 
 _attention_core.defvjp(_core_fwd, _core_bwd)
 
-
 # ----------------------------------------------------------------------------------------------
 # Public entry points
 # ----------------------------------------------------------------------------------------------
 
-def _prepare(q_BTHD, k_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids,
-             alibi_slopes, scale, block_q, block_k):
+def _prepare(q_BTHD, k_BSKD, alibi_slopes, scale, block_q, block_k):
   """Block sizes, padding (automatic blocks only) and the [K, G] slope view."""
   batch, q_len, num_heads, head_dim = q_BTHD.shape
   kv_len, num_kv = k_BSKD.shape[1], k_BSKD.shape[2]
@@ -464,26 +285,12 @@ def _prepare(q_BTHD, k_BSKD, q_positions, k_positions, q_segment_ids, k_segment_
 
 def _pad_inputs(q, k, v, q_pos, k_pos, q_seg, k_seg, q_pad, k_pad):
   """Pad to multiples of the block; padded keys get a segment id no query has."""
-  q_len, kv_len = q.shape[1], k.shape[1]
-  if q_pad == q_len and k_pad == kv_len:
+  if q_pad == q.shape[1] and k_pad == k.shape[1]:
     return q, k, v, q_pos, k_pos, q_seg, k_seg
   sentinel = jnp.minimum(q_seg.min(), k_seg.min()) - 1
-
-  def pad_seq(x, n):
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, n - x.shape[1])
-    return jnp.pad(x, widths)
-
-  def pad_ids(x, n, value):
-    return jnp.concatenate([x, jnp.broadcast_to(value, (x.shape[0], n - x.shape[1])).astype(
-        x.dtype)], axis=1)
-
-  q, k, v = pad_seq(q, q_pad), pad_seq(k, k_pad), pad_seq(v, k_pad)
-  q_pos = pad_ids(q_pos, q_pad, q_pos[:, -1:])
-  k_pos = pad_ids(k_pos, k_pad, k_pos[:, -1:])
-  q_seg = pad_ids(q_seg, q_pad, sentinel)
-  k_seg = pad_ids(k_seg, k_pad, sentinel)
-  return q, k, v, q_pos, k_pos, q_seg, k_seg
+  return (pad_rows(q, q_pad), pad_rows(k, k_pad), pad_rows(v, k_pad),
+          pad_rows(q_pos, q_pad, q_pos[:, -1:]), pad_rows(k_pos, k_pad, k_pos[:, -1:]),
+          pad_rows(q_seg, q_pad, sentinel), pad_rows(k_seg, k_pad, sentinel))
 
 
 @register_implementation("blockwise")
@@ -497,9 +304,8 @@ def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_s
   are treated as constants: their cotangent is zero (they are never trained).
   """
   q_len = q_BTHD.shape[1]
-  scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(
-      q_BTHD, k_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids, alibi_slopes,
-      scale, block_q, block_k)
+  scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(q_BTHD, k_BSKD, alibi_slopes, scale,
+                                                    block_q, block_k)
   args = _pad_inputs(q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids,
                      k_segment_ids, q_pad, k_pad)
   out = _attention_core(*args, slopes_KG, pattern, scale, bq, bk)
@@ -512,12 +318,11 @@ def blockwise_forward(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_seg
   """Forward only (no custom gradient) -> (out float32 [B,T,H,D], lse float32 [B,T,H]).
 
   lse = -inf (and out = 0) for rows that see no key. Partial results over disjoint key shards
-  merge with `combine_partials` (ring attention).
+  merge with `combine_partials` / `merge_partials`.
   """
   batch, q_len, num_heads, head_dim = q_BTHD.shape
-  scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(
-      q_BTHD, k_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids, alibi_slopes,
-      scale, block_q, block_k)
+  scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(q_BTHD, k_BSKD, alibi_slopes, scale,
+                                                    block_q, block_k)
   q, k, v, q_pos, k_pos, q_seg, k_seg = _pad_inputs(
       q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids, q_pad,
       k_pad)
@@ -530,27 +335,25 @@ def blockwise_forward(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_seg
 def blockwise_backward(q_BTHD, k_BSKD, v_BSKD, out_BTHD, lse_BTH, d_out_BTHD, *, q_positions,
                        k_positions, q_segment_ids, k_segment_ids, pattern, alibi_slopes=None,
                        scale=None, block_q=None, block_k=None, delta_BTH=None):
-  """Backward of attention over this key shard given the GLOBAL out / lse (ring attention).
+  """Backward of attention over this key shard given the GLOBAL out / lse (partial attention).
 
   Returns float32 (dq [B,T,H,D] — this shard's contribution —, dk, dv [B,S,K,D]).
   delta = rowsum(dO * O) may be passed precomputed (it is shard-independent).
   """
   batch, q_len, num_heads, head_dim = q_BTHD.shape
   kv_len, num_kv = k_BSKD.shape[1], k_BSKD.shape[2]
-  scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(
-      q_BTHD, k_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids, alibi_slopes,
-      scale, block_q, block_k)
+  scale, bq, q_pad, bk, k_pad, slopes_KG = _prepare(q_BTHD, k_BSKD, alibi_slopes, scale,
+                                                    block_q, block_k)
   if delta_BTH is None:
     delta_BTH = jnp.sum(d_out_BTHD.astype(_F32) * out_BTHD.astype(_F32), axis=-1)
   q, k, v, q_pos, k_pos, q_seg, k_seg = _pad_inputs(
       q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids, q_pad,
       k_pad)
-  pad_rows = lambda x: jnp.pad(x, [(0, 0), (0, q_pad - q_len)] + [(0, 0)] * (x.ndim - 2))
   group = num_heads // num_kv
-  lse = pad_rows(lse_BTH.astype(_F32)).reshape(batch, q_pad, num_kv, group)
-  delta = pad_rows(delta_BTH.astype(_F32)).reshape(batch, q_pad, num_kv, group)
-  dq, dk, dv = _backward_from_residuals(q, k, v, None, lse, pad_rows(d_out_BTHD), q_pos, k_pos,
-                                        q_seg, k_seg, slopes_KG, pattern, scale, bq, bk,
+  lse = pad_rows(lse_BTH.astype(_F32), q_pad).reshape(batch, q_pad, num_kv, group)
+  delta = pad_rows(delta_BTH.astype(_F32), q_pad).reshape(batch, q_pad, num_kv, group)
+  dq, dk, dv = _backward_from_residuals(q, k, v, None, lse, pad_rows(d_out_BTHD, q_pad), q_pos,
+                                        k_pos, q_seg, k_seg, slopes_KG, pattern, scale, bq, bk,
                                         delta_BTKG=delta)
   return dq[:, :q_len], dk[:, :kv_len], dv[:, :kv_len]
 
@@ -571,4 +374,3 @@ def schedule_for(q_positions, k_positions, q_segment_ids, k_segment_ids, *, patt
         q_pad, k_pad)
   return visit_schedule(q_positions, k_positions, q_segment_ids, k_segment_ids,
                         pattern=pattern, block_q=bq, block_k=bk)
-

@@ -18,14 +18,16 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-PATTERNS: dict[str, type] = {}
+from ctxjax.registry import Registry, unknown_choice
+
+PATTERNS: Registry[type] = Registry("model.attention_pattern.kind")
 
 
 def register_pattern(name: str) -> Callable[[type], type]:
+  """Class decorator: the pattern `make_pattern(name, ...)` builds (sets `cls.kind`)."""
   def wrap(cls):
     cls.kind = name
-    PATTERNS[name] = cls
-    return cls
+    return PATTERNS.add(name, cls)
   return wrap
 
 
@@ -96,7 +98,7 @@ def _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, n_first, window):
 @register_pattern("lambda")
 @dataclasses.dataclass(frozen=True)
 class LambdaMask(Pattern):
-  """LM-Infinite's Lambda-shaped mask (Han et al. 2024; TECHNIQUES.md section 11).
+  """LM-Infinite's Lambda-shaped mask (Han et al. 2024).
 
   Key n is visible to query m iff m - n_local < n <= m (local branch) or n < n_global and
   n <= m - n_local (global branch), on position ids (with packing: each document's first
@@ -153,7 +155,7 @@ class AttentionSinks(Pattern):
 @register_pattern("block_causal")
 @dataclasses.dataclass(frozen=True)
 class BlockCausal(Pattern):
-  """xPos's blockwise causal attention at inference (Sun et al. 2023; TECHNIQUES.md section 7).
+  """xPos's blockwise causal attention at inference (Sun et al. 2023, Section 3.3).
 
   Positions are cut into blocks of `block_size` (block = position // block_size; set it to the
   training length); a query attends causally within its own block and to the whole previous
@@ -178,12 +180,10 @@ class BlockCausal(Pattern):
 
 def make_pattern(kind: str = "causal", **kwargs) -> Pattern:
   """Build a pattern from config data: make_pattern("sliding_window", window=128)."""
-  if kind not in PATTERNS:
-    raise ValueError(f"attention_pattern.kind={kind!r}; valid choices: {sorted(PATTERNS)}")
-  cls = PATTERNS[kind]
+  cls = PATTERNS.get(kind)
   fields = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f"attention_pattern {kind!r} got unknown keys {unknown}; "
-                     f"valid keys: {sorted(fields)}")
+    raise ValueError(f"attention_pattern {kind!r} got unknown keys {unknown}: "
+                     + unknown_choice("model.attention_pattern key", unknown[0], fields))
   return cls(**kwargs)
