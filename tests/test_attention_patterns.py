@@ -24,7 +24,8 @@ def _rows(pattern, n):
 
 
 def test_lambda_vector():
-  """TECHNIQUES.md section 11 (n 10, local 3, global 2); L = local branch, G = global."""
+  """LM-Infinite's Lambda mask (Han et al. 2024) for n 10, local 3, global 2; L = local
+  branch, G = global."""
   want = ["L.........", "LL........", "LLL.......", "GLLL......", "GGLLL.....", "GG.LLL....",
           "GG..LLL...", "GG...LLL..", "GG....LLL.", "GG.....LLL"]
   lam = _rows(make_pattern("lambda", n_global=2, n_local=3), 10)

@@ -1,4 +1,4 @@
-"""LongNet dilated attention: TECHNIQUES.md section 8 head->position vectors, one branch == causal,
+"""LongNet dilated attention (Ding et al. 2023): head->position vectors, one branch == causal,
 lse mixing == exact attention over disjoint keys (values + gradients), a dense re-expression of
 multi-branch attention (values + gradients), blockwise == reference."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LongLoRA S2-Attn: TECHNIQUES.md section 10 vectors, the roll variant's leak, head split / GQA
+"""LongLoRA S2-Attn (Chen et al. 2024): group vectors, the roll variant's leak, head split / GQA
 against a per-head dense oracle, blockwise == reference (values + grads), linear cost."""
 from __future__ import annotations
 

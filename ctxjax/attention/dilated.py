@@ -1,4 +1,4 @@
-"""LongNet dilated attention (Ding et al. 2023; TECHNIQUES.md section 8).
+"""LongNet dilated attention (Ding et al. 2023, Section 2.2).
 
 Each branch is one partial attention (out, lse) with exact gradients (`partial.attend_with_lse`,
 shared with LM-Infinite); branches are mixed by `merge_partials` (softmax over their lse).
@@ -11,7 +11,7 @@ Dilated attention (torchscale `component/dilated_attention.py`, semantics kept)
     a sparse sequence of ceil(w' / r) slots with causal attention inside (by position ids).
   * Packing: a slot sees only keys of its own segment AND its own document (segment ids).
   * Mixing: a head/query outside a branch's group gets lse = -inf there (weight 0); branches
-    are merged by `merge_partials`. Shared keys count once per branch (TECHNIQUES note).
+    are merged by `merge_partials`. Shared keys count once per branch.
   * Gradients: EXACT, not torchscale's stop-grad (`torch.no_grad` on the weights): the mixing
     weights are differentiated too, so the gradient is that of the forward function.
 
@@ -133,8 +133,7 @@ def dilated_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, segment
   equal-length sequences of positive ints, one (w_k, r_k) per branch. impl: "reference" |
   "blockwise". Exact gradients (see module docstring).
   """
-  if impl not in IMPLS:
-    raise ValueError(f"dilated_attention impl={impl!r}; valid choices: {list(IMPLS)}")
+  IMPLS.check(impl)
   segment_lengths, dilation_rates = tuple(segment_lengths), tuple(dilation_rates)
   if not segment_lengths or len(segment_lengths) != len(dilation_rates):
     raise ValueError(f"dilated_attention needs one dilation rate per segment length, got "

@@ -1,4 +1,4 @@
-"""LM-Infinite: Lambda-mask + distance ceiling (Han et al. 2024; TECHNIQUES.md section 11).
+"""LM-Infinite: Lambda-mask + distance ceiling (Han et al. 2024).
 
 Semantics of Glaciohound/LM-Infinite `models/llama.py::attn_forward_factory` with
 `convert_llama_model(model, n_local, n_global)` (limit_distance = n_local):

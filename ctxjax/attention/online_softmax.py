@@ -1,9 +1,10 @@
 """One (query block, key block) pair of flash-style attention, and merging partial attentions.
 
-The building blocks shared by the blockwise kernel's loops (blockwise.py) and the ring kernel
-(ring.py), TECHNIQUES.md §17/§18. All take the GLOBAL positions and segment ids of the blocks
-they are given, in the kernels' internal layout (q: [B, K, G, Tq, D], k/v: [B, K, Tk, D],
-state/lse/delta: [B, K, G, Tq]; K kv heads, G query heads per kv head):
+The building blocks shared by the blockwise kernel's loops (blockwise.py; Rabe & Staats 2021,
+Dao et al. 2022, FlashAttention) and the ring kernel (ring.py; Liu et al. 2023). All take the
+GLOBAL positions and segment ids of the blocks they are given, in the kernels' internal layout
+(q: [B, K, G, Tq, D], k/v: [B, K, Tk, D], state/lse/delta: [B, K, G, Tq]; K kv heads, G query
+heads per kv head):
   * `init_state`, `online_softmax_update` (fold one key block into a query block's running
     max / denominator / accumulator), `finalize_state` -> (out, lse);
   * `block_backward`: the (dq, dk, dv) contribution of one block pair given the GLOBAL lse and

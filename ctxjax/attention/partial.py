@@ -18,10 +18,16 @@ import jax.numpy as jnp
 from ctxjax.attention import blockwise
 from ctxjax.attention.online_softmax import merge_partials  # noqa: F401  (re-exported)
 from ctxjax.attention.reference import attention_logits
+from ctxjax.registry import Registry
 
 _F32 = jnp.float32
 
+# The kernels with a differentiable (out, lse): what `model.attention_impl` may name in the
+# attention modes built on partial attention (dilated, lm_infinite).
+IMPLS = Registry("model.attention_impl")
 
+
+@IMPLS.register("reference")
 def _reference_with_lse(q, k, v, q_pos, k_pos, q_seg, k_seg, slopes, pattern, scale):
   b, t, h, d = q.shape
   num_kv = k.shape[2]
@@ -61,9 +67,7 @@ def _blockwise_with_lse_bwd(pattern, scale, res, cotangents):
 
 
 _blockwise_with_lse.defvjp(_blockwise_with_lse_fwd, _blockwise_with_lse_bwd)
-
-_KERNELS = {"reference": _reference_with_lse, "blockwise": _blockwise_with_lse}
-IMPLS = tuple(_KERNELS)
+IMPLS.add("blockwise", _blockwise_with_lse)
 
 
 def attend_with_lse(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
@@ -73,9 +77,8 @@ def attend_with_lse(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segme
 
   Differentiable (exactly) in q, k, v through out AND lse. impl: "reference" | "blockwise".
   """
-  if impl not in IMPLS:
-    raise ValueError(f"attend_with_lse impl={impl!r}; valid choices: {list(IMPLS)}")
+  kernel = IMPLS.get(impl)
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)
   slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, _F32)
-  return _KERNELS[impl](q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids,
-                        k_segment_ids, slopes, pattern, scale)
+  return kernel(q_BTHD, k_BSKD, v_BSKD, q_positions, k_positions, q_segment_ids, k_segment_ids,
+                slopes, pattern, scale)

@@ -1,4 +1,4 @@
-"""LongLoRA shifted sparse attention, S2-Attn (Chen et al. 2024; TECHNIQUES.md section 10).
+"""LongLoRA shifted sparse attention, S2-Attn (Chen et al. 2024, Section 3.2).
 
 Training-only (inference uses full attention). Tokens are cut into groups of G = group_size
 (LongLoRA: G = L / 4); the first half of the heads attends causally within [kG, (k+1)G), the
@@ -30,9 +30,15 @@ import jax.numpy as jnp
 
 from ctxjax.attention.api import attend
 from ctxjax.attention.patterns import Causal
+from ctxjax.registry import Registry
 
-VARIANTS = ("flash", "roll")
-GROUP_BY = ("index", "positions")
+# How the shifted head half attends: name -> fn(run, q, k, v, positions, segment_ids,
+# group_size, shifted_ids, slopes) -> its output; `run` is `attend` on that half.
+VARIANTS = Registry("s2_attention variant")
+# What groups are cut on: name -> fn(positions) -> the ids to group by (None = token index).
+GROUP_BY = Registry("s2_attention group_by")
+GROUP_BY.add("index", lambda positions: None)
+GROUP_BY.add("positions", lambda positions: positions)
 
 
 def _check_group_size(group_size):
@@ -97,10 +103,8 @@ def s2_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, group_size: 
   variant "roll" is the leaking noflash reference (parity only): index groups, causal in
   rolled token order, no ALiBi.
   """
-  if variant not in VARIANTS:
-    raise ValueError(f"S2-Attn variant={variant!r}; valid choices: {list(VARIANTS)}")
-  if group_by not in GROUP_BY:
-    raise ValueError(f"S2-Attn group_by={group_by!r}; valid choices: {list(GROUP_BY)}")
+  shifted_half = VARIANTS.get(variant)
+  group_positions = GROUP_BY.get(group_by)
   _check_group_size(group_size)
   batch, length, num_heads, _ = q_BTHD.shape
   if num_heads % 2:
@@ -120,21 +124,31 @@ def s2_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, group_size: 
   if alibi_slopes is not None:
     slopes = jnp.asarray(alibi_slopes)
     slopes_a, slopes_b = slopes[:half], slopes[half:]
-  plain, shifted = shifted_group_segment_ids(
-      segment_ids, group_size, positions_BT=positions if group_by == "positions" else None)
+  plain, shifted = shifted_group_segment_ids(segment_ids, group_size,
+                                             positions_BT=group_positions(positions))
 
   def run(q, k, v, pos, seg, slopes):
     return attend(q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg,
                   k_segment_ids=seg, pattern=pattern, alibi_slopes=slopes, impl=impl)
 
   out_a = run(q_a, k_a, v_a, positions, plain, slopes_a)
-  if variant == "flash":
-    out_b = run(q_b, k_b, v_b, positions, shifted, slopes_b)
-  else:
-    shift = group_size // 2
-    roll = lambda x: jnp.roll(x, -shift, axis=1)
-    rolled_order = jnp.broadcast_to(jnp.arange(length, dtype=positions.dtype), positions.shape)
-    rolled_ids, _ = shifted_group_segment_ids(roll(segment_ids), group_size)
-    out_b = jnp.roll(run(roll(q_b), roll(k_b), roll(v_b), rolled_order, rolled_ids, None),
-                     shift, axis=1)
+  out_b = shifted_half(run, q_b, k_b, v_b, positions, segment_ids, group_size, shifted, slopes_b)
   return jnp.concatenate([out_a, out_b], axis=2)
+
+
+@VARIANTS.register("flash")
+def _flash_half(run, q, k, v, positions, segment_ids, group_size, shifted_ids, slopes):
+  """LongLoRA `forward_flashattn`: groups shifted by G/2, half-size end groups, no wrap."""
+  return run(q, k, v, positions, shifted_ids, slopes)
+
+
+@VARIANTS.register("roll")
+def _roll_half(run, q, k, v, positions, segment_ids, group_size, shifted_ids, slopes):
+  """LongLoRA `forward_noflashattn`: roll by -G/2, plain groups causal in rolled token order,
+  roll back (its last group wraps round: the leak)."""
+  shift = group_size // 2
+  roll = lambda x: jnp.roll(x, -shift, axis=1)
+  rolled_order = jnp.broadcast_to(jnp.arange(positions.shape[1], dtype=positions.dtype),
+                                  positions.shape)
+  rolled_ids, _ = shifted_group_segment_ids(roll(segment_ids), group_size)
+  return jnp.roll(run(roll(q), roll(k), roll(v), rolled_order, rolled_ids, None), shift, axis=1)

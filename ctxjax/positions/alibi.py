@@ -4,7 +4,7 @@ Reference: ofirpress/attention_with_linear_biases, ``fairseq/models/transformer.
 (``get_slopes``). The reference adds ``m_h * j`` (key index only) to the causal
 mask, which is exact only under a full-row softmax; here the bias is built from
 GLOBAL query/key positions, ``-m_h * (pos_q - pos_k)``, so it stays exact for
-chunked, blockwise and ring attention (TECHNIQUES.md §4, §20.10).
+chunked, blockwise and ring attention.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from ctxjax.positions import alibi, rope, xpos
+from ctxjax.registry import Registry
 
 RotateFn = Callable  # (cfg, q_BTHD, k_BSKD, q_positions_BT, k_positions_BS) -> (q, k)
 
@@ -30,18 +31,15 @@ class Scheme:
     return alibi.alibi_slopes(num_heads) if self.alibi else None
 
 
-SCHEMES: dict[str, Scheme] = {}
+SCHEMES: Registry[Scheme] = Registry("model.position_embedding_type")
 
 
 def register_scheme(scheme: Scheme) -> Scheme:
-  SCHEMES[scheme.name] = scheme
-  return scheme
+  return SCHEMES.add(scheme.name, scheme)
 
 
 def get_scheme(name: str) -> Scheme:
-  if name not in SCHEMES:
-    raise ValueError(f"model.position_embedding_type={name!r}; valid choices: {sorted(SCHEMES)}")
-  return SCHEMES[name]
+  return SCHEMES.get(name)
 
 
 def _rotate_rope(cfg, q, k, q_positions, k_positions):
