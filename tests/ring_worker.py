@@ -1,6 +1,6 @@
-"""Multi-device checks for ctxjax.attention.ring, run by tests/test_ring_attention.py in a
-subprocess with 8 fake CPU devices (XLA_FLAGS must be set before jax is imported, and the main
-pytest process has one device).
+"""Multi-device checks for ctxjax.attention.ring and context_parallel, run by
+tests/test_ring_attention.py in a subprocess with 8 fake CPU devices (XLA_FLAGS must be set
+before jax is imported, and the main pytest process has one device).
 
 Prints one JSON line per case:
   {"case": "grad", "n", "pattern", "layout", "data", "impl", "err": {out,dq,dk,dv}, "scale"}
@@ -198,7 +198,7 @@ def run_bf16_case():
         lkw = {key: lay(val) if key.endswith(("positions", "segment_ids")) else val
                for key, val in kw.items()}
         return unlay(cp.context_parallel_attend(lay(q), lay(k), lay(v), mesh=mesh,
-                                                  strategy=impl, **lkw))
+                                                strategy=impl, **lkw))
       got = vjp_all(fn, q, k, v, do)
       dtypes[impl] = [str(x.dtype) for x in got]
       errs[impl] = max_errs([f32(x) for x in got], want)
@@ -307,8 +307,8 @@ def run_error_cases():
     pos = jnp.asarray(np.broadcast_to(np.arange(t, dtype=np.int32), (B, t)))
     seg = jnp.ones((B, t), jnp.int32)
     return cp.context_parallel_attend(q, k, v, q_positions=pos, k_positions=pos,
-                                        q_segment_ids=seg, k_segment_ids=seg, pattern=pattern,
-                                        **kw)
+                                      q_segment_ids=seg, k_segment_ids=seg, pattern=pattern,
+                                      **kw)
 
   expect_error("length_not_divisible", lambda: call(90, mesh=mesh), "90", "4", "context")
   expect_error("axis_not_in_mesh", lambda: call(64, mesh=mesh, axis_name="seq"), "seq",

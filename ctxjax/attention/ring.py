@@ -7,18 +7,18 @@ it as the "ring" strategy); positions and segment ids are GLOBAL data that trave
 tokens, so masks and ALiBi are exact under any token layout (layouts.py: contiguous, zigzag, or
 striped, Brandon et al. 2023).
 
-The forward is ONE online softmax over the ring (Dao et al. 2022, FlashAttention, Algorithm 1,
-with the shards as the outer loop): the local queries' blocked state (running max, denominator,
-float32 accumulator) is carried across the steps; at each step the shard in hand is folded in
-key block by key block (`ring_loops.fold_and_pass_key_blocks`, only visible block pairs are
-computed) and each key block is handed to the next device once it has been used — so one key
-block per array is in flight, never a second shard, and (sent when the block pair's score
-temporaries are dead) it reuses their memory. After n steps every shard is home again, and that
-copy is the backward's residual (no second blocked copy of K/V). Gradient: `jax.custom_vjp`; the
-backward replays the ring, the float32 dK/dV accumulators travelling with their K/V block by
-block (`ring_loops.backward_and_pass_key_blocks`), with the GLOBAL lse and
-delta = rowsum(dO * O) (as haoliuhl/ringattention); blocks are cast to float32 as they are
-used, so bf16 K/V travel as bf16.
+The forward is ONE online softmax over the ring (that of Dao et al. 2022, FlashAttention): the
+local queries' blocked state (running max, denominator, float32 accumulator) is carried across
+the steps; at each step the shard in hand is folded in key block by key block
+(`ring_loops.fold_and_pass_key_blocks`, only visible block pairs are computed) and each key
+block is handed to the next device once it has been used — so one key block per array is in
+flight, never a second shard, and (sent when the block pair's score temporaries are dead) it
+reuses their memory. After n steps every shard is home again, and that copy is the backward's
+residual (no second blocked copy of K/V). Gradient: `jax.custom_vjp`; the backward replays the
+ring, the float32 dK/dV accumulators travelling with their K/V block by block
+(`ring_loops.backward_and_pass_key_blocks`), with the GLOBAL lse and delta = rowsum(dO * O) (as
+haoliuhl/ringattention); blocks are cast to float32 as they are used, so bf16 K/V travel as
+bf16.
 
 Per-device memory: that of blockwise at the local length, plus the ring's travelling copy of the
 key positions and segment ids. Compiled fwd+bwd (8 heads x 64, fp32, causal, zigzag): ring on 8
