@@ -1,4 +1,4 @@
-"""The demo-corpus batch iterator the trainer uses (until the tfds/grain pipeline lands).
+"""The demo-corpus batch iterator and the trainer's "demo" data source.
 
 ``DemoData`` builds (once) the demo corpus and its sentencepiece tokenizer under
 the data dir, tokenizes the corpus once (token ids cached as ``.npy`` next to
@@ -306,3 +306,33 @@ class DemoData:
 def _state_of(cursor) -> dict[str, int]:
   (epoch, doc_index), offset = cursor
   return {"epoch": int(epoch), "doc_index": int(doc_index), "offset": int(offset)}
+
+
+class DemoSource:
+  """`config.data.name = "demo"` (ctxjax/data/registry.py): DemoData's train and validation
+  splits, each process keeping its row block of every global batch."""
+
+  def __init__(self, data_cfg, model_cfg, seed: int):
+    self._common = dict(seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                        vocab_size=model_cfg.vocab_size, seed=seed,
+                        data_dir=data_cfg.data_dir or None, positions=data_cfg.packed_positions)
+    self._train = DemoData(split="train", **self._common)
+    self._rows = data_cfg.process_rows()
+
+  def train_batches(self):
+    # Every process packs the same global batch (cheap for the demo corpus) and keeps its rows,
+    # so the data state is the same on every process.
+    return ({k: v[self._rows] for k, v in batch.items()} for batch in self._train)
+
+  def eval_batches(self):
+    return ({k: v[self._rows] for k, v in batch.items()}
+            for batch in DemoData(split="validation", **self._common))
+
+  def unigram_entropy(self) -> float:
+    return float(self._train.unigram_entropy())
+
+  def train_state(self) -> dict:
+    return self._train.state
+
+  def restore_train(self, state: dict) -> None:
+    self._train.restore(state)
