@@ -31,6 +31,7 @@ import numpy as np
 from ctxjax.data import corpus as corpus_lib
 from ctxjax.data import packing
 from ctxjax.data import tokenizer as tokenizer_lib
+from ctxjax.registry import unknown_choice
 
 SPLITS = ("train", "validation")
 VALIDATION_FRACTION = 0.02
@@ -107,9 +108,9 @@ class DemoData:
       shuffle_rows: bool | None = None,
   ):
     if split not in SPLITS:
-      raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
+      raise ValueError(unknown_choice("split", split, SPLITS))
     if positions not in packing.POSITION_MODES:
-      raise ValueError(f"positions={positions!r}; valid: {', '.join(packing.POSITION_MODES)}")
+      raise ValueError(unknown_choice("positions", positions, packing.POSITION_MODES))
     if int(seq_len) < 1:
       raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if int(batch_size) < 1:

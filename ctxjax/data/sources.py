@@ -34,6 +34,7 @@ import numpy as np
 from ctxjax.data import corpus as corpus_lib
 from ctxjax.data import demo, packing
 from ctxjax.data import tokenizer as tokenizer_lib
+from ctxjax.registry import Registry
 
 _ENCODE_CHUNK = 1024  # texts per sentencepiece call (bounds the strings held at once)
 
@@ -122,10 +123,9 @@ def _tfds_documents(data_cfg, tok) -> Documents:
 
 
 # Which corpus: the config key that names it -> loader (none set: the demo corpus).
-CORPORA: dict[str, Callable[[Any, tokenizer_lib.Tokenizer], Documents]] = {
-    "jsonl": _jsonl_documents,
-    "tfds_name": _tfds_documents,
-}
+CORPORA: Registry[Callable[[Any, tokenizer_lib.Tokenizer], Documents]] = Registry("data corpus")
+CORPORA.add("jsonl", _jsonl_documents)
+CORPORA.add("tfds_name", _tfds_documents)
 
 
 def load_documents(data_cfg, tok) -> Documents:
