@@ -66,8 +66,6 @@ def _convert(path: str, value, kind, optional: bool):
     return tuple(value)
   if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
     return value
-  if kind is int and value is not None:  # the positive/non-negative checks' wording
-    raise ValueError(f"{path} must be an integer, got {value!r}")
   raise ValueError(f"{path} must be {_WHAT[kind]}{' or None' if optional else ''}, "
                    f"got {value!r}")
 
@@ -83,14 +81,14 @@ def unknown_key(path: str, key: str, valid) -> str:
   return f"unknown config key {prefix}{key}; {hint}valid keys: {names}"
 
 
-def plain(mapping) -> dict:
+def plain(mapping, path: str = "config") -> dict:
   """A ConfigDict, dict or None as a plain dict (references resolved)."""
   if mapping is None:
     return {}
   if hasattr(mapping, "to_dict"):
     return mapping.to_dict()
   if not isinstance(mapping, Mapping):
-    raise ValueError(f"expected a dict of settings, got {mapping!r}")
+    raise ValueError(f"{path} must be a dict of settings, got {mapping!r}")
   return dict(mapping)
 
 
@@ -98,7 +96,7 @@ def from_mapping(cls, mapping, path: str, *, partial: bool = False):
   """`cls` (a frozen dataclass of `setting`s) from `mapping`, validated (see module doc).
   `partial`: library callers that pass only the keys they use (e.g. make_train_step with
   ConfigDict({})); required fields they leave out are None."""
-  raw = plain(mapping)
+  raw = plain(mapping, path)
   fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
   for key in raw:
     if key not in fields:
