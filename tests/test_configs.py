@@ -83,6 +83,8 @@ def test_unknown_config_argument_names_the_choices():
     ("optim", dict(schedule="cosin"), r"^optim.schedule='cosin'; did you mean 'cosine'\?"),
     ("optim", dict(learning_rate=0.0), r"^optim.learning_rate must be > 0, got 0.0$"),
     ("mesh", dict(ici_dat=2), "did you mean 'mesh.ici_data'"),
+    ("data", dict(mixture=dict(kind="cut_short", long_shar=0.5)),
+     "unknown config key data.mixture.long_shar; did you mean 'data.mixture.long_share'"),
 ])
 def test_bad_keys_and_values_name_the_key(key, value, match):
   config = _load(os.path.join(ROOT, "configs", "tiny.py"), None).to_dict()  # any value type

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ctxjax.data import mixtures
 from ctxjax.data.packing import POSITION_MODES
 from ctxjax.data.registry import SOURCES
 from ctxjax.data.settings import choice, from_mapping, nonnegative, positive, setting
@@ -15,6 +16,12 @@ POSITION_IDS = ("data", "randomized", "pose")        # ctxjax/train/step.py: tra
 
 def _source_name(path: str, value: str) -> None:
   SOURCES.check(value, key=path)
+
+
+def _mixture(path: str, value: dict) -> None:
+  """Validated by its own module (unknown keys, kinds, ranges); kind "" = no mixture."""
+  if value.get("kind"):
+    mixtures.resolve_config(value)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,7 +43,7 @@ class DataConfig:
   tfds_eval_split: str = setting("validation", kind=str, optional=True)
   validation_fraction: float = setting(0.02, kind=float)
   tokenizer: str = setting("", kind=str)
-  mixture: dict | None = setting(None, kind=dict, optional=True)  # ctxjax/data/mixtures.py
+  mixture: dict | None = setting(None, kind=dict, optional=True, check=_mixture)
   shuffle_seed: int | None = setting(None, kind=int, optional=True)  # None: train.seed
   shuffle_rows: bool = setting(True, kind=bool)
   num_threads: int = setting(2, kind=int, check=nonnegative)
