@@ -6,6 +6,7 @@ validates per stage). Parsing, defaults and error wording: ctxjax/data/settings.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 from ctxjax.data.config import DataConfig, data_config
@@ -139,8 +140,6 @@ def parse_flags(argv):
   """absl `flags_parser` for the commands that take `--config`: a bad `--config.KEY=VALUE`
   override exits with one line naming the key (ml_collections raises a bare AttributeError /
   KeyError / TypeError from inside flag parsing)."""
-  import sys
-
   from absl import app
   from ml_collections.config_flags import config_flags
   try:
