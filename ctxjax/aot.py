@@ -33,6 +33,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ctxjax.train import topology as topo
+from ctxjax.train.config import run_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<recipe>.py file.",
                                           lock_config=True)
@@ -80,16 +81,6 @@ def cpu_target(count: int) -> Target:
                 False)
 
 
-def stage_model_config(config, stage):
-  """The model of one stage: config.model with the stage's positional overrides."""
-  from ctxjax.model import model_config_from_dict
-  model = config.model.copy_and_resolve_references()
-  model.unlock()
-  for key, value in stage.model_overrides.items():
-    model[key] = value
-  return model_config_from_dict(model)
-
-
 def abstract_batch(batch_size: int, seq_len: int, sharding) -> dict:
   import jax
   import jax.numpy as jnp
@@ -114,9 +105,10 @@ def memory_report(memory, hbm_bytes: int) -> dict:
           "fits": total <= hbm_bytes}
 
 
-def lower_stage(config, stage, devices):
-  """(lowered train step, model config, mesh) for one stage on `devices`: parameters, AdamW
-  state and the batch as abstract arrays sharded by the recipe's mesh (nothing allocated)."""
+def lower_stage(cfg, stage, devices):
+  """(lowered train step, model config, mesh) for one stage of `cfg` (a RunConfig:
+  ctxjax/train/config.py) on `devices`: parameters, AdamW state and the batch as abstract
+  arrays sharded by the recipe's mesh (nothing allocated)."""
   import jax
   from ctxjax.model import Transformer
   from ctxjax.train import sharding
@@ -124,16 +116,13 @@ def lower_stage(config, stage, devices):
   from ctxjax.train.optim import make_optimizer
   from ctxjax.train.step import abstract_train_state, make_train_step
 
-  model_cfg = stage_model_config(config, stage)
-  mesh_cfg = config.get("mesh", None) or {}
-  mesh = sharding.create_mesh(mesh_cfg, devices)
-  rules = sharding.logical_rules(mesh_cfg)
+  model_cfg = stages_lib.stage_model_config(cfg.model, stage)
+  mesh = sharding.create_mesh(cfg.mesh, devices)
+  rules = sharding.logical_rules(cfg.mesh)
   sharding.check_batch_divisible(mesh, stage.batch_size, stage.seq_len)
-  data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.unlock()
-  data_cfg.seq_len, data_cfg.batch_size = stage.seq_len, stage.batch_size
+  data_cfg = dataclasses.replace(cfg.data, seq_len=stage.seq_len, batch_size=stage.batch_size)
   model = Transformer(model_cfg)
-  tx, _ = make_optimizer(config.optim, stages_lib.total_steps(stages_lib.resolve_stages(config)))
+  tx, _ = make_optimizer(cfg.optim, stages_lib.total_steps(stages_lib.resolve_stages(cfg)))
   # ring/all_gather attention look the mesh up while tracing init; an abstract mesh, because
   # eager ops under a concrete one would try to run on the (absent) TPU devices.
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -141,17 +130,17 @@ def lower_stage(config, stage, devices):
                                                   mesh=mesh, rules=rules)
   step = make_train_step(model, tx, data_cfg, mesh=mesh, rules=rules,
                          state_shardings=state_shardings,
-                         grad_accum_steps=int(config.train.get("grad_accum_steps", 1)))
+                         grad_accum_steps=cfg.train.grad_accum_steps)
   batch = abstract_batch(stage.batch_size, stage.seq_len, sharding.batch_sharding(mesh, rules))
   return step.lower(state, batch), model_cfg, mesh
 
 
-def check_stage(config, stage, target: Target, mfu: float) -> dict:
-  """Lower and compile stage `stage` of `config` for `target`; the report as a dict."""
+def check_stage(cfg, stage, target: Target, mfu: float) -> dict:
+  """Lower and compile stage `stage` of `cfg` (a RunConfig) for `target`; the report."""
   from ctxjax.model.flops import param_count, train_flops_per_token
 
   start = time.perf_counter()
-  lowered, model_cfg, mesh = lower_stage(config, stage, target.devices)
+  lowered, model_cfg, mesh = lower_stage(cfg, stage, target.devices)
   lower_sec = time.perf_counter() - start
   try:
     compiled, compile_error = lowered.compile(), None
@@ -170,7 +159,7 @@ def check_stage(config, stage, target: Target, mfu: float) -> dict:
       "devices": chips, "mesh": dict(mesh.shape), "attention_impl": model_cfg.attention_impl,
       "params": param_count(model_cfg)["total"], "seq_len": stage.seq_len,
       "batch_size": stage.batch_size, "tokens_per_step": tokens,
-      "grad_accum_steps": int(config.train.get("grad_accum_steps", 1)),
+      "grad_accum_steps": cfg.train.grad_accum_steps,
       "rope_theta": model_cfg.rope_theta, "steps": stage.steps,
       "lower_sec": round(lower_sec, 1), "compile_sec": round(compile_sec, 1),
       "model_flops_per_step": model_flops, "mfu": mfu,
@@ -240,8 +229,8 @@ def merge_json(path: str, reports: list[dict]) -> None:
 def choose_target(config, topology: str | None, devices: str | None) -> tuple:
   """(topology, devices): the flags, else the recipe's own `config.aot` (exactly one set)."""
   if topology is None and devices is None:
-    recipe = config.get("aot", None) or {}
-    topology, devices = recipe.get("topology", None), recipe.get("devices", None)
+    aot = run_config(config).aot
+    topology, devices = aot.topology, aot.devices
   if (topology is None) == (devices is None):
     raise ValueError("give exactly one of --topology (TPU) and --devices=cpu:N (or set "
                      "config.aot.topology / config.aot.devices in the recipe)")
@@ -250,19 +239,20 @@ def choose_target(config, topology: str | None, devices: str | None) -> tuple:
 
 def run(config, *, name: str = "", topology: str | None, devices: str | None, stage: int | None,
         mfu: float, emit=lambda report: None) -> list[dict]:
-  """Check the selected stages (each report also goes to `emit` as soon as it is ready);
-  raises ValueError on bad flags or configs."""
+  """Check the selected stages of `config` (a ConfigDict or RunConfig; each report also goes
+  to `emit` as soon as it is ready); raises ValueError on bad flags or configs."""
   from ctxjax.train import stages as stages_lib
-  topology, devices = choose_target(config, topology, devices)
+  cfg = run_config(config)
+  topology, devices = choose_target(cfg, topology, devices)
   if not 0 < mfu <= 1:
     raise ValueError(f"--mfu={mfu}; it must lie in (0, 1]")
-  all_stages = stages_lib.resolve_stages(config)
+  all_stages = stages_lib.resolve_stages(cfg)
   if stage is not None and not 0 <= stage < len(all_stages):
     raise ValueError(f"--stage={stage}; the recipe has stages 0..{len(all_stages) - 1}")
   target = tpu_target(topology) if topology else cpu_target(parse_devices(devices))
   reports = []
   for s in all_stages if stage is None else [all_stages[stage]]:
-    reports.append({"config": name, **check_stage(config, s, target, mfu)})
+    reports.append({"config": name, **check_stage(cfg, s, target, mfu)})
     emit(reports[-1])
   return reports
 
@@ -284,14 +274,14 @@ def verdict(reports: list[dict]) -> tuple[int, list[str]]:
 
 def main(argv):
   del argv
-  config = _CONFIG.value
   try:
-    topology, devices = choose_target(config, _TOPOLOGY.value, _DEVICES.value)
+    cfg = run_config(_CONFIG.value)
+    topology, devices = choose_target(cfg, _TOPOLOGY.value, _DEVICES.value)
     import jax  # before any JAX backend starts: this tool only compiles, on the host's CPU
     jax.config.update("jax_platforms", "cpu")
     if devices:
       jax.config.update("jax_num_cpu_devices", parse_devices(devices))
-    reports = run(config, name=config_flags.get_config_filename(flags.FLAGS["config"]),
+    reports = run(cfg, name=config_flags.get_config_filename(flags.FLAGS["config"]),
                   topology=topology, devices=devices, stage=_STAGE.value, mfu=_MFU.value,
                   emit=lambda r: print(format_report(r), flush=True))
   except (ValueError, RuntimeError) as err:
@@ -306,4 +296,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  from ctxjax.train.config import parse_flags
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)

@@ -16,6 +16,7 @@ from ctxjax.model.flops import train_flops_per_token
 from ctxjax.train import sharding
 from ctxjax.train import stages as stages_lib
 from ctxjax.train import topology as topo
+from ctxjax.train.config import run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = ("llama2_7b_80k.py", "llama2_13b_64k.py", "lwm_1m.py", "llama2_7b_8xh100.py",
@@ -93,7 +94,7 @@ def test_recipe_fits_its_mesh(name):
   assert math.prod(ici) * math.prod(dcn) == count
   sizes = dict(zip(sharding.MESH_AXES, ici))
   rows = sizes["data"] * sizes["fsdp"]
-  accum = config.train.get("grad_accum_steps", 1)
+  accum = run_config(config).train.grad_accum_steps
   for stage in stages_lib.resolve_stages(config):
     model = model_config_from_dict({**config.model.to_dict(), **stage.model_overrides})
     assert model.scan_layers and model.dtype == "bfloat16"

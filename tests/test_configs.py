@@ -9,6 +9,7 @@ from ml_collections import config_flags  # noqa: F401  (the loader the CLI uses)
 from ml_collections.config_flags import config_flags as _cf
 
 from ctxjax.model import Transformer, model_config_from_dict
+from ctxjax.train.config import run_config
 from ctxjax.train.sharding import MESH_AXES
 from ctxjax.train.step import POSITION_IDS
 
@@ -39,8 +40,9 @@ def _load(path, arg):
 @pytest.mark.parametrize("path, arg", list(_cases()))
 def test_config_validates_and_traces(path, arg):
   config = _load(path, arg)
+  run = run_config(config)  # every section parses into its typed dataclass
+  assert run.data.position_ids in POSITION_IDS and run.train.steps >= 1
   cfg = model_config_from_dict(config.model)
-  assert config.data.position_ids in POSITION_IDS
   tokens = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len), jnp.int32)
   # A one-device mesh with the trainer's axes: context-parallel recipes (attention_impl ring /
   # all_gather) look their axis up while tracing.
@@ -66,3 +68,35 @@ def test_scaling_configs_change_the_frequencies():
 def test_unknown_config_argument_names_the_choices():
   with pytest.raises(ValueError, match="valid choices"):
     _load(os.path.join(ROOT, "configs", "tiny_rope_scaling.py"), "warp")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("data", dict(bogus=1), r"unknown config key data.bogus; valid keys: \['batch_size'"),
+    ("data", dict(seq_le=3), r"unknown config key data.seq_le; did you mean 'data.seq_len'\?"),
+    ("data", dict(seq_len=-3), r"^data.seq_len must be a positive integer, got -3$"),
+    ("data", dict(batch_size="8"), r"^data.batch_size must be an integer, got '8'$"),
+    ("data", dict(name="demmo"), r"^data.name='demmo'; did you mean 'demo'\?"),
+    ("data", dict(position_ids="pose", max_position_id=None),
+     "data.max_position_id is required with data.position_ids='pose'"),
+    ("train", dict(steps=-1), r"^train.steps must be a positive integer, got -1$"),
+    ("train", dict(stepz=1), "did you mean 'train.steps'"),
+    ("optim", dict(schedule="cosin"), r"^optim.schedule='cosin'; did you mean 'cosine'\?"),
+    ("optim", dict(learning_rate=0.0), r"^optim.learning_rate must be > 0, got 0.0$"),
+    ("mesh", dict(ici_dat=2), "did you mean 'mesh.ici_data'"),
+    ("data", dict(mixture=dict(kind="cut_short", long_shar=0.5)),
+     "unknown config key data.mixture.long_shar; did you mean 'data.mixture.long_share'"),
+])
+def test_bad_keys_and_values_name_the_key(key, value, match):
+  config = _load(os.path.join(ROOT, "configs", "tiny.py"), None).to_dict()  # any value type
+  config[key].update(value)
+  with pytest.raises(ValueError, match=match):
+    run_config(config)
+
+
+def test_unknown_section_and_defaults_written_once():
+  config = _load(os.path.join(ROOT, "configs", "tiny.py"), None)
+  run = run_config(config)
+  assert (run.data.num_threads, run.train.grad_accum_steps, run.optim.trainable) == (2, 1, ())
+  config = {**config.to_dict(), "bogus": 1}
+  with pytest.raises(ValueError, match=r"unknown config key bogus; valid keys: \['aot'"):
+    run_config(config)

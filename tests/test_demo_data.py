@@ -243,7 +243,7 @@ def test_token_ids_checked_against_vocab_size(data_dir, monkeypatch):
 
 
 def test_bad_arguments(data_dir):
-  with pytest.raises(ValueError, match="train, validation"):
+  with pytest.raises(ValueError, match=r"valid choices: \['train', 'validation'\]"):
     demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, data_dir=data_dir, split="test")
-  with pytest.raises(ValueError, match="per_document, continuous"):
+  with pytest.raises(ValueError, match=r"valid choices: \['continuous', 'per_document'\]"):
     demo.DemoData(SEQ, BATCH, vocab_size=VOCAB, data_dir=data_dir, positions="abs")

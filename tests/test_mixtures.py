@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from ctxjax.data import mixtures
+from ctxjax.data import mixture_stats, mixtures
 
 S, C = 256, 1024
 # source -> (documents, lognormal mu, sigma): heavy-tailed lengths; long share by tokens
@@ -38,13 +38,13 @@ def _origin(result):
 
 
 def test_corpus_is_mostly_short_by_tokens(corpus):
-  st = mixtures.length_stats([len(d) for d in corpus[0]], corpus[1], S)
+  st = mixture_stats.length_stats([len(d) for d in corpus[0]], corpus[1], S)
   assert 0.3 < st["total"]["long_share"] < 0.4  # room to upsample to 0.7
   assert st["sources"]["web"]["long_share"] < st["sources"]["book"]["long_share"]
 
 
 def test_length_stats_hand_computed():
-  st = mixtures.length_stats([1, 2, 3, 4, 5, 8, 9, 4], ["a"] * 7 + ["b"], 4)
+  st = mixture_stats.length_stats([1, 2, 3, 4, 5, 8, 9, 4], ["a"] * 7 + ["b"], 4)
   a = st["sources"]["a"]
   # buckets (2^(k-1), 2^k]: 1 | 2 | 3,4 | 5,8 | 9
   assert a["length_histogram"] == {
@@ -74,7 +74,7 @@ def test_per_source_upsample_keeps_shares_and_reaches_long_share(corpus, method)
   else:
     assert st["params"]["scale"] > 1
   # The stats describe the returned documents.
-  recount = mixtures.length_stats([len(d) for d in res.docs], res.sources, S)
+  recount = mixture_stats.length_stats([len(d) for d in res.docs], res.sources, S)
   assert recount == st["after"]
   pieces = _origin(res)
   assert all(corpus[1][i] == s for (i, _), s in zip(pieces, res.sources))
@@ -195,10 +195,12 @@ def test_empty_and_enormous_documents_are_counted(corpus):
 
 
 @pytest.mark.parametrize("cfg,match", [
-    ({"kind": "upsample_everything"}, "kind='upsample_everything'; valid: cut_short"),
+    ({"kind": "upsample_everything"},
+     r"data.mixture.kind='upsample_everything'; .*valid choices: \['cut_long'"),
     ({"kind": "cut_short", "shortthreshold": 3},
-     r"unknown mixture config key\(s\) \['shortthreshold'\]"),
-    ({"upsample_method": "magic"}, "upsample_method='magic'; valid"),
+     "unknown config key data.mixture.shortthreshold; did you mean "
+     "'data.mixture.short_threshold'"),
+    ({"upsample_method": "magic"}, "data.mixture.upsample_method='magic'; valid choices"),
     ({"short_threshold": S, "long_share": 0.2}, "below the original long share"),
     ({"short_threshold": S, "long_share": 1.5}, r"long_share must be in \(0, 1\)"),
     ({"short_threshold": S, "target_context": 8}, "target_context=8 is below short_threshold"),
@@ -224,11 +226,11 @@ def test_unreachable_target_errors():
 
 def test_write_stats_json_and_png(corpus, tmp_path):
   res = mixtures.apply_mixture(*corpus, {"short_threshold": S, "long_share": 0.7}, seed=0)
-  jpath, ppath = mixtures.write_stats(res.stats, str(tmp_path))
+  jpath, ppath = mixture_stats.write_stats(res.stats, str(tmp_path))
   with open(jpath) as f:
     assert json.load(f) == json.loads(json.dumps(res.stats))
   with open(ppath, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   assert os.path.getsize(ppath) > 10_000
-  table = mixtures.format_table(res.stats)
+  table = mixture_stats.format_table(res.stats)
   assert table.splitlines()[0].split()[0] == "source" and "total" in table

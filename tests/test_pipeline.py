@@ -186,7 +186,8 @@ def demo_dir(tmp_path_factory):
 
 
 def test_mixture_source_on_the_demo_corpus(demo_dir, tmp_path):
-  from ctxjax.train import data_sources
+  from ctxjax.data import registry
+  from ctxjax.data.config import data_config
   model = ml_collections.ConfigDict(dict(vocab_size=512))
 
   def cfg(**kw):
@@ -195,14 +196,14 @@ def test_mixture_source_on_the_demo_corpus(demo_dir, tmp_path):
              mixture=dict(kind="cut_long", short_threshold=64, target_context=96,
                           long_share=0.7, sources=()))
     c.update(kw)
-    return ml_collections.ConfigDict(c)
+    return data_config(ml_collections.ConfigDict(c))
 
-  whole = data_sources.build(cfg(workdir=str(tmp_path)), model, seed=3)
+  whole = registry.build(cfg(workdir=str(tmp_path)), model, seed=3)
   with open(tmp_path / "mixture_stats.json", encoding="utf-8") as f:
     stats = json.load(f)
   assert stats["kind"] == "cut_long" and stats["pipeline"]["rows_per_epoch"] > 0
   assert max(len(d) for d in whole.train_docs) <= 96  # cut at target_context
-  halves = [data_sources.build(cfg(process_index=i, process_count=2), model, seed=3)
+  halves = [registry.build(cfg(process_index=i, process_count=2), model, seed=3)
             for i in range(2)]
   batches = _take(whole.train_batches(), 3)
   for h in halves:

@@ -7,17 +7,20 @@ import subprocess
 import sys
 import time
 
-import ml_collections
 import pytest
 
+from configs import tiny
 from ctxjax.train.stages import resolve_stages, stage_of, total_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(stages):
-  return ml_collections.ConfigDict(dict(data=dict(seq_len=128, batch_size=4),
-                                        train=dict(steps=10), stages=stages))
+  config = tiny.get_config()
+  config.data.update(seq_len=128, batch_size=4)
+  config.train.steps = 10
+  config.stages = stages
+  return config
 
 
 def test_constant_tokens_per_step_halves_the_batch_when_length_doubles():
@@ -33,8 +36,9 @@ def test_constant_tokens_per_step_halves_the_batch_when_length_doubles():
 @pytest.mark.parametrize("stages, match", [
     ([dict(seq_len=64)], "exactly one of steps, tokens"),
     ([dict(seq_len=96, steps=2)], "does not divide"),
-    ([dict(seq_len=64, steps=1, window=3)], "unknown keys"),
-    ([dict(steps=1)], "needs seq_len"),
+    ([dict(seq_len=64, steps=1, window=3)], "unknown config key stages\\[0\\].window"),
+    ([dict(steps=1)], r"stages\[0\].seq_len is required"),
+    ([dict(seq_len=-64, steps=1)], r"stages\[0\].seq_len must be a positive integer, got -64"),
 ])
 def test_bad_stages_are_refused(stages, match):
   with pytest.raises(ValueError, match=match):

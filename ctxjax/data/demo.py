@@ -1,4 +1,4 @@
-"""The demo-corpus batch iterator the trainer uses (until the tfds/grain pipeline lands).
+"""The demo-corpus batch iterator and the trainer's "demo" data source.
 
 ``DemoData`` builds (once) the demo corpus and its sentencepiece tokenizer under
 the data dir, tokenizes the corpus once (token ids cached as ``.npy`` next to
@@ -31,6 +31,7 @@ import numpy as np
 from ctxjax.data import corpus as corpus_lib
 from ctxjax.data import packing
 from ctxjax.data import tokenizer as tokenizer_lib
+from ctxjax.registry import unknown_choice
 
 SPLITS = ("train", "validation")
 VALIDATION_FRACTION = 0.02
@@ -107,9 +108,9 @@ class DemoData:
       shuffle_rows: bool | None = None,
   ):
     if split not in SPLITS:
-      raise ValueError(f"split={split!r}; valid: {', '.join(SPLITS)}")
+      raise ValueError(unknown_choice("split", split, SPLITS))
     if positions not in packing.POSITION_MODES:
-      raise ValueError(f"positions={positions!r}; valid: {', '.join(packing.POSITION_MODES)}")
+      raise ValueError(unknown_choice("positions", positions, packing.POSITION_MODES))
     if int(seq_len) < 1:
       raise ValueError(f"seq_len must be >= 1, got {seq_len}")
     if int(batch_size) < 1:
@@ -306,3 +307,33 @@ class DemoData:
 def _state_of(cursor) -> dict[str, int]:
   (epoch, doc_index), offset = cursor
   return {"epoch": int(epoch), "doc_index": int(doc_index), "offset": int(offset)}
+
+
+class DemoSource:
+  """`config.data.name = "demo"` (ctxjax/data/registry.py): DemoData's train and validation
+  splits, each process keeping its row block of every global batch."""
+
+  def __init__(self, data_cfg, model_cfg, seed: int):
+    self._common = dict(seq_len=data_cfg.seq_len, batch_size=data_cfg.batch_size,
+                        vocab_size=model_cfg.vocab_size, seed=seed,
+                        data_dir=data_cfg.data_dir or None, positions=data_cfg.packed_positions)
+    self._train = DemoData(split="train", **self._common)
+    self._rows = data_cfg.process_rows()
+
+  def train_batches(self):
+    # Every process packs the same global batch (cheap for the demo corpus) and keeps its rows,
+    # so the data state is the same on every process.
+    return ({k: v[self._rows] for k, v in batch.items()} for batch in self._train)
+
+  def eval_batches(self):
+    return ({k: v[self._rows] for k, v in batch.items()}
+            for batch in DemoData(split="validation", **self._common))
+
+  def unigram_entropy(self) -> float:
+    return float(self._train.unigram_entropy())
+
+  def train_state(self) -> dict:
+    return self._train.state
+
+  def restore_train(self, state: dict) -> None:
+    self._train.restore(state)

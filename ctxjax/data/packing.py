@@ -24,6 +24,8 @@ from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from ctxjax.registry import unknown_choice
+
 POSITION_MODES = ("per_document", "continuous")
 FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 REMAINDER_MODES = ("pad", "drop", "keep")
@@ -33,7 +35,7 @@ def _check_args(seq_len: int, positions: str) -> None:
   if int(seq_len) < 1:
     raise ValueError(f"seq_len must be >= 1, got {seq_len}")
   if positions not in POSITION_MODES:
-    raise ValueError(f"positions={positions!r}; valid: {', '.join(POSITION_MODES)}")
+    raise ValueError(unknown_choice("positions", positions, POSITION_MODES))
 
 
 def empty_row(seq_len: int, pad_id: int = 0,
@@ -146,7 +148,7 @@ def batch_rows(
   if int(batch_size) < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   if remainder not in REMAINDER_MODES:
-    raise ValueError(f"remainder={remainder!r}; valid: {', '.join(REMAINDER_MODES)}")
+    raise ValueError(unknown_choice("remainder", remainder, REMAINDER_MODES))
   buf: list[dict[str, np.ndarray]] = []
   for row in rows_iter:
     buf.append(row)

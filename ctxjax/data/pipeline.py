@@ -43,6 +43,7 @@ import grain
 import numpy as np
 
 from ctxjax.data import packing
+from ctxjax.registry import unknown_choice
 
 STATE_VERSION = 1
 # State keys that must match on restore -> the config key a user changes (for the message).
@@ -97,8 +98,8 @@ class PackedRows:
     if int(seq_len) < 1:
       raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
     if positions not in packing.POSITION_MODES:
-      raise ValueError(f"data.packed_positions={positions!r}; valid choices: "
-                       f"{', '.join(packing.POSITION_MODES)}")
+      raise ValueError(unknown_choice("data.packed_positions", positions,
+                                      packing.POSITION_MODES))
     self.seq_len, self.positions = int(seq_len), positions
     self.bos_id, self.eos_id, self.pad_id = bos_id, int(eos_id), int(pad_id)
     self.seed, self.shuffle_rows = int(seed), bool(shuffle_rows)

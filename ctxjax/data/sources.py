@@ -1,7 +1,7 @@
 """`config.data.name = "mixture"`: corpus -> sentencepiece -> length mixture -> grain pipeline.
 
-Config keys (under config.data; the trainer's source interface is in
-ctxjax/train/data_sources.py):
+Config keys (under config.data, typed and defaulted in ctxjax/data/config.py: DataConfig; the
+trainer's source interface is in ctxjax/data/registry.py):
   jsonl           SlimPajama-shaped JSONL file(s) (a path, comma-separated paths or a list),
                   prepared once as a tfds array_record dataset (ctxjax/data/tfds_jsonl.py)
                   under tfds_data_dir (default: data_dir's cache); validation_fraction
@@ -34,7 +34,7 @@ import numpy as np
 from ctxjax.data import corpus as corpus_lib
 from ctxjax.data import demo, packing
 from ctxjax.data import tokenizer as tokenizer_lib
-from ctxjax.train import data_sources
+from ctxjax.registry import Registry
 
 _ENCODE_CHUNK = 1024  # texts per sentencepiece call (bounds the strings held at once)
 
@@ -42,9 +42,9 @@ Documents = tuple[list[np.ndarray], list[str], list[np.ndarray]]  # train, train
 
 
 def load_tokenizer(data_cfg, vocab_size: int) -> tokenizer_lib.Tokenizer:
-  path = data_cfg.get("tokenizer", "") or ""
+  path = data_cfg.tokenizer
   if not path:
-    return tokenizer_lib.ensure_demo_tokenizer(data_cfg.get("data_dir") or None, vocab_size)
+    return tokenizer_lib.ensure_demo_tokenizer(data_cfg.data_dir or None, vocab_size)
   tok = (tokenizer_lib.load_hf_tokenizer(path) if os.path.isdir(path)
          else tokenizer_lib.load_tokenizer(path))
   tokenizer_lib.check_vocab(tok, vocab_size)
@@ -76,7 +76,7 @@ def _held_out(docs: list[np.ndarray], sources: list[str]) -> Documents:
 
 
 def _demo_documents(data_cfg, tok) -> Documents:
-  jsonl = corpus_lib.ensure_demo_corpus(data_cfg.get("data_dir") or None)
+  jsonl = corpus_lib.ensure_demo_corpus(data_cfg.data_dir or None)
   ids, offsets, sources = demo.load_or_tokenize(jsonl, tok)  # cached next to the corpus
   docs = [ids[offsets[i]:offsets[i + 1]] for i in range(len(sources))]
   return _held_out(docs, sources)
@@ -95,11 +95,10 @@ def _jsonl_documents(data_cfg, tok) -> Documents:
     raise ValueError(f"data.jsonl={data_cfg.jsonl!r}: no such file(s) {missing}")
   # tfds reuses a prepared dataset by name: the name follows the files' paths, sizes, mtimes.
   key = "|".join(f"{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
-  key += f"|{data_cfg.get('validation_fraction', 0.02)}"
+  key += f"|{data_cfg.validation_fraction}"
   name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
-  data_dir = data_cfg.get("tfds_data_dir") or corpus_lib.corpus_dir(
-      data_cfg.get("data_dir") or None)
-  fraction = float(data_cfg.get("validation_fraction", 0.02))
+  data_dir = data_cfg.tfds_data_dir or corpus_lib.corpus_dir(data_cfg.data_dir or None)
+  fraction = data_cfg.validation_fraction
   tfds_jsonl.build_jsonl_corpus(name, files, data_dir=data_dir, validation_fraction=fraction)
   train_docs, train_src = _encode(tfds_jsonl.load_jsonl_corpus(name, data_dir=data_dir), tok)
   if not fraction:
@@ -111,12 +110,12 @@ def _jsonl_documents(data_cfg, tok) -> Documents:
 
 def _tfds_documents(data_cfg, tok) -> Documents:
   from ctxjax.data import tfds_jsonl
-  common = dict(data_dir=data_cfg.get("tfds_data_dir") or None,
-                text_feature=data_cfg.get("tfds_text_feature", "text") or "text",
-                source_feature=data_cfg.get("tfds_source_feature") or None)
+  common = dict(data_dir=data_cfg.tfds_data_dir or None,
+                text_feature=data_cfg.tfds_text_feature or "text",
+                source_feature=data_cfg.tfds_source_feature or None)
   name = data_cfg.tfds_name
   docs, sources = _encode(tfds_jsonl.tfds_text_source(name, split="train", **common), tok)
-  eval_split = data_cfg.get("tfds_eval_split", "validation")
+  eval_split = data_cfg.tfds_eval_split
   if not eval_split:
     return _held_out(docs, sources)
   eval_docs, _ = _encode(tfds_jsonl.tfds_text_source(name, split=eval_split, **common), tok)
@@ -124,25 +123,21 @@ def _tfds_documents(data_cfg, tok) -> Documents:
 
 
 # Which corpus: the config key that names it -> loader (none set: the demo corpus).
-CORPORA: dict[str, Callable[[Any, tokenizer_lib.Tokenizer], Documents]] = {
-    "jsonl": _jsonl_documents,
-    "tfds_name": _tfds_documents,
-}
+CORPORA: Registry[Callable[[Any, tokenizer_lib.Tokenizer], Documents]] = Registry("data corpus")
+CORPORA.add("jsonl", _jsonl_documents)
+CORPORA.add("tfds_name", _tfds_documents)
 
 
 def load_documents(data_cfg, tok) -> Documents:
-  given = [key for key in CORPORA if data_cfg.get(key)]
+  given = [key for key in CORPORA if getattr(data_cfg, key)]
   if len(given) > 1:
     raise ValueError(f"data.{given[0]} and data.{given[1]} are both set; name one corpus")
   return (CORPORA[given[0]] if given else _demo_documents)(data_cfg, tok)
 
 
 def _mixture_config(data_cfg) -> dict | None:
-  mix = data_cfg.get("mixture")
-  if not mix:
-    return None
-  mix = mix.to_dict() if hasattr(mix, "to_dict") else dict(mix)
-  return mix if mix.get("kind") else None
+  mix = data_cfg.mixture
+  return dict(mix) if mix and mix.get("kind") else None
 
 
 def unigram_entropy(docs: Sequence[np.ndarray], eos_id: int, vocab_size: int) -> float:
@@ -164,12 +159,12 @@ class MixtureSource:
     from ctxjax.data import pipeline
     self.tokenizer = tok = load_tokenizer(data_cfg, int(model_cfg.vocab_size))
     if tok.eos_id < 0:
-      raise ValueError(f"data.tokenizer={data_cfg.get('tokenizer')!r} has no eos id; packing "
+      raise ValueError(f"data.tokenizer={data_cfg.tokenizer!r} has no eos id; packing "
                        f"needs one to end documents")
     self.bos_id = tok.bos_id if tok.bos_id >= 0 else None
     self.pad_id = tok.pad_id if tok.pad_id >= 0 else 0  # LLaMA has none; pads are masked
     train_docs, train_sources, self.eval_docs = load_documents(data_cfg, tok)
-    shuffle_seed = data_cfg.get("shuffle_seed")
+    shuffle_seed = data_cfg.shuffle_seed
     self.seed = int(seed if shuffle_seed is None else shuffle_seed)
     self.mixture_stats = None
     mix = _mixture_config(data_cfg)
@@ -180,21 +175,20 @@ class MixtureSource:
     self.train_docs, self.train_sources = train_docs, train_sources
     self.vocab_size = int(model_cfg.vocab_size)
     self.seq_len, self.batch_size = int(data_cfg.seq_len), int(data_cfg.batch_size)
-    self.positions = data_cfg.get("packed_positions", "per_document")
-    shard = grain.sharding.ShardOptions(shard_index=int(data_cfg.get("process_index", 0)),
-                                        shard_count=int(data_cfg.get("process_count", 1)))
-    self._rows = data_sources.process_rows(data_cfg)
+    self.positions = data_cfg.packed_positions
+    shard = grain.sharding.ShardOptions(shard_index=data_cfg.process_index,
+                                        shard_count=data_cfg.process_count)
+    self._rows = data_cfg.process_rows()
     self._train = pipeline.PackedBatches(
         train_docs, seq_len=self.seq_len, batch_size=self.batch_size, bos_id=self.bos_id,
         eos_id=tok.eos_id, pad_id=self.pad_id, positions=self.positions, seed=self.seed,
-        shuffle_rows=bool(data_cfg.get("shuffle_rows", True)), shard=shard,
-        num_threads=int(data_cfg.get("num_threads", 2)),
-        prefetch_batches=int(data_cfg.get("prefetch_batches", 4)))
-    workdir = data_cfg.get("workdir") or ""
+        shuffle_rows=data_cfg.shuffle_rows, shard=shard, num_threads=data_cfg.num_threads,
+        prefetch_batches=data_cfg.prefetch_batches)
+    workdir = data_cfg.workdir
     if self.mixture_stats is not None and workdir and shard.shard_index == 0:
-      from ctxjax.data import mixtures
+      from ctxjax.data import mixture_stats
       self.mixture_stats["pipeline"] = self._train.rows.stats()
-      mixtures.write_stats(self.mixture_stats, workdir)
+      mixture_stats.write_stats(self.mixture_stats, workdir)
     self._entropy = None
 
   def train_batches(self):
@@ -219,5 +213,3 @@ class MixtureSource:
   def restore_train(self, state: dict) -> None:
     self._train.restore(state)
 
-
-data_sources.register_source("mixture")(MixtureSource)

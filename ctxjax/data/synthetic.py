@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from ctxjax.registry import Registry
+
 PASSKEY_HEADER = ("There is an important info hidden inside a lot of irrelevant text. Find it "
                   "and memorize them. I will quiz you about the important information there.\n")
 GARBAGE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. "
@@ -218,21 +220,18 @@ def niah_sample(tok, *, length: int, depth: float, seed, haystack: Sequence[str]
                    answer_needles=list(range(len(answers))))  # indices into needle_spans
 
 
-TASKS: dict[str, Callable[..., Sample]] = {
-    "passkey": passkey_sample,
-    "needle": needle_sample,
-    "niah_single": functools.partial(niah_sample, task="niah_single"),
-    "niah_multikey": functools.partial(niah_sample, num_keys=4, task="niah_multikey"),
-    "niah_multivalue": functools.partial(niah_sample, num_values=4, task="niah_multivalue"),
-    "niah_multiquery": functools.partial(niah_sample, num_keys=4, num_queries=2,
-                                         task="niah_multiquery"),
-}
+TASKS: Registry[Callable[..., Sample]] = Registry("task")
+TASKS.add("passkey", passkey_sample)
+TASKS.add("needle", needle_sample)
+TASKS.add("niah_single", functools.partial(niah_sample, task="niah_single"))
+TASKS.add("niah_multikey", functools.partial(niah_sample, num_keys=4, task="niah_multikey"))
+TASKS.add("niah_multivalue", functools.partial(niah_sample, num_values=4, task="niah_multivalue"))
+TASKS.add("niah_multiquery", functools.partial(niah_sample, num_keys=4, num_queries=2,
+                                               task="niah_multiquery"))
 
 
 def make_sample(task: str, tok, **kwargs) -> Sample:
-  if task not in TASKS:
-    raise ValueError(f"task={task!r}; valid: {', '.join(TASKS)}")
-  return TASKS[task](tok, **kwargs)
+  return TASKS.get(task)(tok, **kwargs)
 
 
 def synthetic_records(tok, task: str, *, num_samples: int, lengths: Sequence[int],
@@ -245,8 +244,7 @@ def synthetic_records(tok, task: str, *, num_samples: int, lengths: Sequence[int
   ``depths[(i // len(lengths)) % len(depths)]`` (a grid), or a seeded uniform
   depth when ``depths`` is None; its seed is ``(seed, i)``.
   """
-  if task not in TASKS:
-    raise ValueError(f"task={task!r}; valid: {', '.join(TASKS)}")
+  TASKS.check(task)
   if not lengths:
     raise ValueError("lengths is empty")
   for i in range(int(num_samples)):

@@ -48,6 +48,8 @@ from typing import Any, Iterator, Sequence
 
 import tensorflow_datasets as tfds
 
+from ctxjax.registry import unknown_choice
+
 DATASET_NAME = "jsonl_corpus"
 VERSION = "1.0.0"
 DEFAULT_SOURCE = "unknown"
@@ -75,7 +77,7 @@ def _check_config(cfg: JsonlCorpusConfig) -> None:
   if not cfg.train_files:
     raise ValueError("train_files is empty: name at least one JSONL file")
   if cfg.on_invalid not in ON_INVALID:
-    raise ValueError(f"on_invalid={cfg.on_invalid!r}; valid: {', '.join(ON_INVALID)}")
+    raise ValueError(unknown_choice("on_invalid", cfg.on_invalid, ON_INVALID))
   if not 0.0 <= cfg.validation_fraction < 1.0:
     raise ValueError(f"validation_fraction={cfg.validation_fraction} outside [0, 1)")
   if cfg.validation_files and cfg.validation_fraction:

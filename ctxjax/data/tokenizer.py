@@ -26,6 +26,9 @@ from typing import Iterable, Iterator, Sequence
 import sentencepiece as spm
 
 from ctxjax.data import corpus as corpus_lib
+from ctxjax.registry import unknown_choice
+
+MODEL_TYPES = ("bpe", "unigram", "char", "word")  # sentencepiece's
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -145,8 +148,8 @@ def train_tokenizer(
   Deterministic for fixed inputs (the subsample is seeded and sentencepiece's
   own input shuffling is off). Special ids: pad 0, unk 1, bos 2, eos 3.
   """
-  if model_type not in ("bpe", "unigram", "char", "word"):
-    raise ValueError(f"model_type={model_type!r}; valid: bpe, unigram, char, word")
+  if model_type not in MODEL_TYPES:
+    raise ValueError(unknown_choice("model_type", model_type, MODEL_TYPES))
   min_vocab = 4 + (256 if byte_fallback else 0) + 1
   if vocab_size < min_vocab:
     raise ValueError(f"vocab_size={vocab_size} is below the minimum {min_vocab} "

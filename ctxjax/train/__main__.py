@@ -22,7 +22,12 @@ def main(argv):
   del argv
   from ctxjax.train import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from ctxjax.train.config import run_config
   from ctxjax.train.trainer import train
+  try:
+    run_config(_CONFIG.value)  # a bad key or value: one line, no traceback
+  except ValueError as err:
+    raise app.UsageError(f"--config: {err}") from None
   logging.set_verbosity(logging.INFO)
   summary = train(_CONFIG.value, _WORKDIR.value)
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
@@ -30,4 +35,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from ctxjax.train.config import parse_flags
+  app.run(main, flags_parser=parse_flags)

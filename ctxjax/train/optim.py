@@ -5,23 +5,18 @@ from __future__ import annotations
 import jax.numpy as jnp
 import optax
 
+from ctxjax.data.settings import coerce
+from ctxjax.train.config import OptimConfig
 from ctxjax.train.trainable import only_trainable
 
-SCHEDULES = ("cosine", "constant", "linear")
 
-
-def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then decay to `learning_rate * min_lr_ratio`."""
-  peak = float(optim_cfg.learning_rate)
-  warmup = int(optim_cfg.warmup_steps)
-  kind = optim_cfg.schedule
-  if kind not in SCHEDULES:
-    raise ValueError(f"optim.schedule={kind!r}; valid choices: {list(SCHEDULES)}")
-  if peak <= 0:
-    raise ValueError(f"optim.learning_rate must be > 0, got {peak}")
+  optim_cfg = coerce(OptimConfig, optim_cfg, "optim")
+  peak, warmup, kind = optim_cfg.learning_rate, optim_cfg.warmup_steps, optim_cfg.schedule
   if not 0 <= warmup <= total_steps:
     raise ValueError(f"optim.warmup_steps must lie in [0, total steps={total_steps}], got {warmup}")
-  floor = peak * float(optim_cfg.get("min_lr_ratio", 0.1))
+  floor = peak * optim_cfg.min_lr_ratio
   decay_steps = max(total_steps - warmup, 1)
   if kind == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=floor / peak)
@@ -39,15 +34,15 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: jnp.ndim(p) >= 2, params)
 
 
-def make_optimizer(optim_cfg, total_steps: int):
+def make_optimizer(optim_cfg: OptimConfig, total_steps: int):
   """(tx, schedule). `optim.trainable` (regexes, e.g. LongLoRA's ["lora_", "embed_tokens",
   "norm"]) restricts training to the matching parameters: the others get no optimizer state,
   and gradient clipping sees only the trainable gradients."""
+  optim_cfg = coerce(OptimConfig, optim_cfg, "optim")  # or (library use) a mapping
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   tx = optax.chain(
-      optax.clip_by_global_norm(float(optim_cfg.grad_clip_norm)),
-      optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
-                  eps=float(optim_cfg.get("eps", 1e-8)),
-                  weight_decay=float(optim_cfg.weight_decay), mask=_decay_mask),
+      optax.clip_by_global_norm(optim_cfg.grad_clip_norm),
+      optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
+                  weight_decay=optim_cfg.weight_decay, mask=_decay_mask),
   )
-  return only_trainable(tx, list(optim_cfg.get("trainable", None) or ())), schedule
+  return only_trainable(tx, list(optim_cfg.trainable or ())), schedule

@@ -21,6 +21,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ctxjax.data.settings import coerce
+from ctxjax.train.config import MeshConfig
+
 MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 DEFAULT_RULES = (
@@ -55,18 +58,19 @@ def _fill(sizes: dict[str, int], total: int, where: str) -> dict[str, int]:
   return sizes
 
 
-def mesh_shape(mesh_cfg, num_devices: int, num_slices: int = 1):
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int, num_slices: int = 1):
   """(ici sizes, dcn sizes) per MESH_AXES, with -1 filled in."""
-  dcn = {a: int(mesh_cfg.get(f"dcn_{a}", 1)) for a in MESH_AXES}
+  mesh_cfg = coerce(MeshConfig, mesh_cfg, "mesh")  # a MeshConfig, or (library use) a mapping
+  dcn = {a: getattr(mesh_cfg, f"dcn_{a}") for a in MESH_AXES}
   dcn = _fill(dcn, num_slices, "dcn_*")
   if num_devices % num_slices:
     raise ValueError(f"{num_devices} devices do not split into {num_slices} slices")
-  ici = {a: int(mesh_cfg.get(f"ici_{a}", -1 if a == "data" else 1)) for a in MESH_AXES}
+  ici = {a: getattr(mesh_cfg, f"ici_{a}") for a in MESH_AXES}
   ici = _fill(ici, num_devices // num_slices, "ici_*")
   return tuple(ici[a] for a in MESH_AXES), tuple(dcn[a] for a in MESH_AXES)
 
 
-def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def create_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
   """The 4-axis mesh; hybrid (ici x dcn) when devices span several slices."""
   devices = list(jax.devices() if devices is None else devices)
   num_slices = len({getattr(d, "slice_index", 0) for d in devices})
@@ -83,8 +87,8 @@ def create_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sh
   return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
-def logical_rules(mesh_cfg) -> tuple:
-  rules = mesh_cfg.get("logical_axis_rules", None) or DEFAULT_RULES
+def logical_rules(mesh_cfg: MeshConfig) -> tuple:
+  rules = coerce(MeshConfig, mesh_cfg, "mesh").logical_axis_rules or DEFAULT_RULES
   out = []
   for rule in rules:
     name, target = rule[0], rule[1]

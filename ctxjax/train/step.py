@@ -10,11 +10,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ctxjax.data.config import POSITION_IDS, DataConfig
+from ctxjax.data.settings import coerce
 from ctxjax.positions import generators
+from ctxjax.registry import unknown_choice
 from ctxjax.train import trainable as trainable_lib
 from ctxjax.train.xla_options import step_compiler_options
 
-POSITION_IDS = ("data", "randomized", "pose")
 
 
 @flax.struct.dataclass
@@ -34,18 +36,18 @@ def cross_entropy(logits_BTV, targets_BT, loss_mask_BT):
   return jnp.sum(nll_BT * weight) / jnp.maximum(tokens, 1.0), tokens
 
 
-def training_positions(data_cfg, rng, positions_BT):
+def training_positions(data_cfg: DataConfig, rng, positions_BT):
   """Position ids a training batch uses: the packed ones, or a training-time generator
   (randomized positional encodings, Ruoss et al. 2023; PoSE, Zhu et al. 2024)."""
-  kind = data_cfg.get("position_ids", "data")
+  kind = data_cfg.position_ids
   batch, length = positions_BT.shape
   if kind == "data":
     return positions_BT
   if kind == "randomized":
-    return generators.randomized_positions(rng, batch, length, int(data_cfg.max_position_id))
+    return generators.randomized_positions(rng, batch, length, data_cfg.max_position_id)
   if kind == "pose":
-    return generators.pose_positions(rng, batch, length, int(data_cfg.max_position_id))
-  raise ValueError(f"data.position_ids={kind!r}; valid choices: {list(POSITION_IDS)}")
+    return generators.pose_positions(rng, batch, length, data_cfg.max_position_id)
+  raise ValueError(unknown_choice("data.position_ids", kind, POSITION_IDS))
 
 
 def _boxed_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int) -> TrainState:
@@ -100,7 +102,7 @@ def _micro_batches(batch, steps: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
+def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, rules=None,
                     state_shardings=None, grad_accum_steps: int = 1, trainable=None):
   """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask,
   the global batch of one optimizer step. With `grad_accum_steps` > 1 it runs as that many
@@ -112,6 +114,7 @@ def make_train_step(model: nn.Module, tx, data_cfg, *, mesh=None, rules=None,
   LongQLoRA's integer codes — get zero gradients and no backward matmuls for their weights."""
   if int(grad_accum_steps) < 1:
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+  data_cfg = coerce(DataConfig, data_cfg, "data")  # a DataConfig, or (library use) a mapping
 
   def nll_sum_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])

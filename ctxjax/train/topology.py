@@ -16,6 +16,8 @@ import itertools
 import os
 import re
 
+from ctxjax.registry import Registry
+
 GiB = 1024 ** 3
 
 
@@ -28,12 +30,11 @@ class ChipSpec:
   libtpu_name: str         # topology-name prefix libtpu knows
 
 
-CHIPS = {
-    "v4": ChipSpec("v4", 32 * GiB, 275e12, 3, "v4"),
-    "v5e": ChipSpec("v5e", 16 * GiB, 197e12, 2, "v5e"),
-    "v5p": ChipSpec("v5p", 95 * GiB, 459e12, 3, "v5p"),
-    "v6e": ChipSpec("v6e", 32 * GiB, 918e12, 2, "v6e"),
-}
+CHIPS: Registry[ChipSpec] = Registry("--topology generation")
+CHIPS.add("v4", ChipSpec("v4", 32 * GiB, 275e12, 3, "v4"))
+CHIPS.add("v5e", ChipSpec("v5e", 16 * GiB, 197e12, 2, "v5e"))
+CHIPS.add("v5p", ChipSpec("v5p", 95 * GiB, 459e12, 3, "v5p"))
+CHIPS.add("v6e", ChipSpec("v6e", 32 * GiB, 918e12, 2, "v6e"))
 ALIASES = {"v5litepod": "v5e"}
 H100 = ChipSpec("h100", 80 * 10 ** 9, 989e12, 0, "")  # 80 GB HBM3, 989 TFLOP/s dense bf16
 

@@ -1,58 +1,52 @@
 """The training loop: config -> model, data, optimizer -> steps, metrics, summary.
 
-Sharding comes from config.mesh (sharding.py), progressive stages from config.stages
-(stages.py), checkpoints and resume from config.train.save_every (checkpoint.py).
+The config is validated once into typed sections (config.py: run_config). Sharding comes from
+config.mesh (sharding.py), progressive stages from config.stages (stages.py), checkpoints and
+resume from config.train.save_every (checkpoint.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 
-from ctxjax.model import Transformer, model_config_from_dict
+from ctxjax.data import registry as data_registry
+from ctxjax.data.config import DataConfig
+from ctxjax.model import Transformer
 from ctxjax.positions import schemes
 from ctxjax.model.flops import param_count, train_flops_per_token
-from ctxjax.train import data_sources, sharding
+from ctxjax.train import sharding
 from ctxjax.train import stages as stages_lib
 from ctxjax.train.checkpoint import Checkpointer, abstract_like
+from ctxjax.train.config import RunConfig, run_config
 from ctxjax.train.init_from import initial_params
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import init_state, make_eval_step, make_train_step
 
 
-def _check_position_range(config, model_cfg):
+def _check_position_range(data: DataConfig, seq_len: int, model_cfg):
   """Absolute tables have max_position_embeddings rows: refuse, before compiling, a run whose
   positions would index past them (inside jit the model cannot check values)."""
   scheme = schemes.get_scheme(model_cfg.position_embedding_type)
   if scheme.absolute is None:
     return
-  if config.data.get("position_ids", "data") == "data":
-    top, key = config.data.seq_len - 1, "data.seq_len"
+  if data.position_ids == "data":
+    top, key = seq_len - 1, "data.seq_len"
   else:
-    top, key = int(config.data.max_position_id) - 1, "data.max_position_id"
+    top, key = data.max_position_id - 1, "data.max_position_id"
   if top >= model_cfg.max_position_embeddings:
     raise ValueError(f"{key} gives positions up to {top}, past the {scheme.name} table of "
                      f"model.max_position_embeddings={model_cfg.max_position_embeddings} rows")
-
-
-def _validate(config):
-  for key in ("steps", "log_every", "eval_batches"):
-    value = config.train[key]
-    if not isinstance(value, int) or value < (0 if key == "eval_batches" else 1):
-      raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
-  for key in ("seq_len", "batch_size"):
-    value = config.data[key]
-    if not isinstance(value, int) or value <= 0:
-      raise ValueError(f"data.{key} must be a positive integer, got {value!r}")
 
 
 def _progress(total: int):
@@ -64,11 +58,12 @@ def _progress(total: int):
 class _Run:
   """What one stage needs: its model, data, compiled step and batch placer."""
 
-  def __init__(self, config, stage, model_cfg, tx, mesh, rules, state_shardings, workdir):
+  def __init__(self, cfg: RunConfig, stage, model_cfg, tx, mesh, rules, state_shardings,
+               workdir):
     self.stage = stage
     self.model_cfg = model_cfg
     self.model = Transformer(model_cfg)
-    accum = int(config.train.get("grad_accum_steps", 1))
+    accum = cfg.train.grad_accum_steps
     if stage.batch_size % accum:
       raise ValueError(f"the batch of {stage.batch_size} rows (stage {stage.index}) is not "
                        f"divisible by train.grad_accum_steps={accum}")
@@ -76,38 +71,45 @@ class _Run:
     # Multi-host: this process reads rows [shard * B/count, (shard+1) * B/count) only.
     shard, count, self.columns = sharding.process_batch_block(mesh, rules, stage.batch_size,
                                                               stage.seq_len)
-    data_cfg = config.data.copy_and_resolve_references()
-    data_cfg.unlock()
-    data_cfg.seq_len, data_cfg.batch_size = stage.seq_len, stage.batch_size
-    data_cfg.process_index, data_cfg.process_count = shard, count
-    if jax.process_index() == 0 and not data_cfg.get("workdir"):
-      data_cfg.workdir = workdir  # where a source writes its statistics (mixture_stats.json)
-    self.data = data_sources.build(data_cfg, model_cfg, seed=config.train.seed)
+    data_cfg = dataclasses.replace(cfg.data, seq_len=stage.seq_len, batch_size=stage.batch_size,
+                                   process_index=shard, process_count=count)
+    if jax.process_index() == 0 and not data_cfg.workdir:
+      # where a source writes its statistics (mixture_stats.json)
+      data_cfg = dataclasses.replace(data_cfg, workdir=workdir)
+    self.data = data_registry.build(data_cfg, model_cfg, seed=cfg.train.seed)
     self.step = make_train_step(self.model, tx, data_cfg, mesh=mesh, rules=rules,
                                 state_shardings=state_shardings, grad_accum_steps=accum,
-                                trainable=config.optim.get("trainable", None))
+                                trainable=cfg.optim.trainable or None)
+    self.to_device = _batch_placer(mesh, rules, self.columns)
     self.flops_per_token = train_flops_per_token(model_cfg, stage.seq_len)
 
 
-def _stage_model_config(config, stage):
-  model = config.model.copy_and_resolve_references()
-  model.unlock()
-  for key, value in stage.model_overrides.items():
-    model[key] = value
-  model_cfg = model_config_from_dict(model)
-  data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.unlock()
-  data_cfg.seq_len = stage.seq_len
-  _check_position_range(ml_collections.ConfigDict({"data": data_cfg}), model_cfg)
+@dataclasses.dataclass
+class StageLoop:
+  """What walking one stage's steps needs besides the state (shared by a run's stages but
+  `run` and `start`)."""
+  run: _Run                  # the stage's model, data, compiled step and batch placer
+  start: int                 # the first global step to take in this stage (1-based)
+  log_every: int
+  schedule: Callable[[int], Any]  # the one learning-rate schedule across all stages
+  writer: MetricsWriter
+  bar: Any                   # tqdm progress bar
+  ckpt: Checkpointer | None
+  history: list              # logged records, appended to
+
+
+def _stage_model_config(cfg: RunConfig, stage):
+  model_cfg = stages_lib.stage_model_config(cfg.model, stage)
+  _check_position_range(cfg.data, stage.seq_len, model_cfg)
   return model_cfg
 
 
 def train(config, workdir: str) -> dict:
   """Train per `config`; writes config.json, metrics.jsonl, TensorBoard events, checkpoints and
   summary.json into `workdir` (resuming from its newest checkpoint); returns the summary."""
-  _validate(config)
-  all_stages = stages_lib.resolve_stages(config)
-  stage_cfgs = [_stage_model_config(config, s) for s in all_stages]  # validate all up front
+  cfg = run_config(config)  # every section validated once, before anything is built
+  all_stages = stages_lib.resolve_stages(cfg)
+  stage_cfgs = [_stage_model_config(cfg, s) for s in all_stages]  # validate all up front
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0  # metrics and summaries are written once
   if lead:
@@ -115,14 +117,13 @@ def train(config, workdir: str) -> dict:
       f.write(config.to_json_best_effort(indent=2))
 
   steps = stages_lib.total_steps(all_stages)
-  tx, schedule = make_optimizer(config.optim, steps)  # one schedule across all stages
-  mesh_cfg = config.get("mesh", None) or {}
-  mesh, rules = sharding.create_mesh(mesh_cfg), sharding.logical_rules(mesh_cfg)
+  tx, schedule = make_optimizer(cfg.optim, steps)  # one schedule across all stages
+  mesh, rules = sharding.create_mesh(cfg.mesh), sharding.logical_rules(cfg.mesh)
   logging.info("mesh %s over %d devices; %d stage(s), %d steps", dict(mesh.shape), mesh.size,
                len(all_stages), steps)
   first = all_stages[0]
   state, state_shardings = init_state(Transformer(stage_cfgs[0]), tx,
-                                      jax.random.PRNGKey(config.train.seed), first.batch_size,
+                                      jax.random.PRNGKey(cfg.train.seed), first.batch_size,
                                       first.seq_len, mesh=mesh, rules=rules)
   counts = param_count(stage_cfgs[0])
   logging.info("model: %s parameters (%s in blocks)", f"{counts['total']:,}",
@@ -130,10 +131,10 @@ def train(config, workdir: str) -> dict:
 
   ckpt, start, data_state = None, 1, None
   meta = {"model_config": stage_cfgs[0].to_dict()}
-  if config.train.get("save_every", 0):
-    ckpt = Checkpointer(workdir, save_every=config.train.save_every,
-                        keep=config.train.get("keep_checkpoints", 3),
-                        async_save=config.train.get("async_checkpoints", True))
+  if cfg.train.save_every:
+    ckpt = Checkpointer(workdir, save_every=cfg.train.save_every,
+                        keep=cfg.train.keep_checkpoints,
+                        async_save=cfg.train.async_checkpoints)
     if ckpt.latest_step() is not None:
       state, saved, _ = ckpt.restore(abstract_like(state, state_shardings),
                                      model_config=meta["model_config"])
@@ -153,21 +154,23 @@ def train(config, workdir: str) -> dict:
   for stage, model_cfg in zip(all_stages, stage_cfgs):
     if stage.last_step < start:
       continue
-    run = _Run(config, stage, model_cfg, tx, mesh, rules, state_shardings,
+    run = _Run(cfg, stage, model_cfg, tx, mesh, rules, state_shardings,
                workdir)  # compiles once
     if data_state is not None:
       run.data.restore_train(data_state)
       data_state = None
-    state = _train_stage(config, run, state, max(start, stage.first_step), steps, schedule,
-                         mesh, rules, writer, bar, ckpt, history)
+    loop = StageLoop(run=run, start=max(start, stage.first_step),
+                     log_every=cfg.train.log_every, schedule=schedule, writer=writer, bar=bar,
+                     ckpt=ckpt, history=history)
+    state = _train_stage(loop, state)
   bar.close()
 
   if run is None:  # resumed after the last step: evaluate with the last stage's shapes
-    run = _Run(config, all_stages[-1], stage_cfgs[-1], tx, mesh, rules, state_shardings,
+    run = _Run(cfg, all_stages[-1], stage_cfgs[-1], tx, mesh, rules, state_shardings,
                workdir)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    eval_loss = evaluate(run.model, state.params, run.data, config.train.eval_batches,
-                         _batch_placer(mesh, rules, run.columns))
+    eval_loss = evaluate(run.model, state.params, run.data, cfg.train.eval_batches,
+                         run.to_device)
   if ckpt is not None:
     ckpt.close()
   steady = [h["tokens_per_sec"] for h in history if not h.get("first_of_stage")]
@@ -188,10 +191,12 @@ def train(config, workdir: str) -> dict:
   return summary
 
 
-def _train_stage(config, run, state, start, steps, schedule, mesh, rules, writer, bar, ckpt,
-                 history):
-  """Steps start..run.stage.last_step; logs, checkpoints, stops cleanly on a signal."""
-  stage, to_device = run.stage, _batch_placer(mesh, rules, run.columns)
+def _train_stage(loop: StageLoop, state):
+  """Steps loop.start..loop.run.stage.last_step; logs, checkpoints, stops cleanly on a
+  signal."""
+  run, start, writer, bar, ckpt, history = (loop.run, loop.start, loop.writer, loop.bar,
+                                            loop.ckpt, loop.history)
+  stage, to_device = run.stage, run.to_device
   tokens_per_step = stage.batch_size * stage.seq_len
   batches = run.data.train_batches()
   window_start, window_tokens = time.perf_counter(), 0
@@ -199,12 +204,12 @@ def _train_stage(config, run, state, start, steps, schedule, mesh, rules, writer
     state, metrics = run.step(state, to_device(next(batches)))
     window_tokens += tokens_per_step
     bar.update(1)
-    if step == start or step % config.train.log_every == 0 or step == stage.last_step:
+    if step == start or step % loop.log_every == 0 or step == stage.last_step:
       loss = float(metrics["loss"])  # blocks: the window's time covers finished steps only
       if not math.isfinite(loss):
         raise FloatingPointError(f"loss became {loss} at step {step}")
       elapsed = time.perf_counter() - window_start
-      record = {"loss": loss, "lr": float(schedule(step - 1)), "seq_len": stage.seq_len,
+      record = {"loss": loss, "lr": float(loop.schedule(step - 1)), "seq_len": stage.seq_len,
                 "batch_size": stage.batch_size, "stage": stage.index,
                 "tokens_per_sec": window_tokens / elapsed,
                 "grad_norm": float(metrics["grad_norm"])}

@@ -1,0 +1,151 @@
+"""The trainer's config sections as typed, frozen dataclasses, validated ONCE from the
+ml_collections ConfigDict a recipe (configs/*.py) returns: `run_config(config)` -> RunConfig
+(data, train, optim, mesh, stages, aot; `model` stays the mapping model_config_from_dict
+validates per stage). Parsing, defaults and error wording: ctxjax/data/settings.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any
+
+from ctxjax.data.config import DataConfig, data_config
+from ctxjax.data.settings import (choice, from_mapping, nonnegative, positive, setting,
+                                  unknown_key)
+
+SCHEDULES = ("cosine", "constant", "linear")  # ctxjax/train/optim.py
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+  """`config.train`: the step loop, evaluation, checkpoints and where parameters start."""
+  steps: int = setting(kind=int, check=positive)
+  log_every: int = setting(kind=int, check=positive)
+  eval_batches: int = setting(kind=int, check=nonnegative)
+  seed: int = setting(kind=int)
+  save_every: int = setting(0, kind=int, check=nonnegative)   # 0 = no checkpoints
+  keep_checkpoints: int = setting(3, kind=int, check=positive)
+  async_checkpoints: bool = setting(True, kind=bool)
+  grad_accum_steps: int = setting(1, kind=int, check=positive)  # micro-batches per step
+  init_from: str = setting("", kind=str)      # ctxjax/train/init_from.py
+  init_from_hf: str = setting("", kind=str)
+
+
+def _positive_number(path: str, value) -> None:
+  if not value > 0:
+    raise ValueError(f"{path} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+  """`config.optim`: AdamW, its schedule and which parameters train (ctxjax/train/optim.py)."""
+  learning_rate: float = setting(kind=float, check=_positive_number)
+  warmup_steps: int = setting(kind=int, check=nonnegative)
+  schedule: str = setting(kind=str, check=choice(*SCHEDULES))
+  min_lr_ratio: float = setting(0.1, kind=float)
+  weight_decay: float = setting(kind=float)
+  b1: float = setting(kind=float)
+  b2: float = setting(kind=float)
+  eps: float = setting(1e-8, kind=float)
+  grad_clip_norm: float = setting(kind=float)
+  trainable: tuple = setting((), kind=tuple, optional=True)  # regexes; () = every parameter
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+  """`config.mesh`: per-axis device counts within (ici) and across (dcn) slices, -1 = the
+  rest, and optional logical-axis rules (ctxjax/train/sharding.py checks both)."""
+  ici_data: int = setting(-1, kind=int)
+  ici_fsdp: int = setting(1, kind=int)
+  ici_context: int = setting(1, kind=int)
+  ici_tensor: int = setting(1, kind=int)
+  dcn_data: int = setting(1, kind=int)
+  dcn_fsdp: int = setting(1, kind=int)
+  dcn_context: int = setting(1, kind=int)
+  dcn_tensor: int = setting(1, kind=int)
+  logical_axis_rules: Any = setting(None, kind=None)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageSpec:
+  """One entry of `config.stages` (ctxjax/train/stages.py resolves batch and steps)."""
+  seq_len: int = setting(kind=int, check=positive)
+  steps: int | None = setting(None, kind=int, optional=True)
+  tokens: int | None = setting(None, kind=int, optional=True)
+  batch_size: int | None = setting(None, kind=int, optional=True)
+  # Positional changes of the stage (model config overrides):
+  rope_theta: float | None = setting(None, kind=float, optional=True)
+  rope_scaling: dict | None = setting(None, kind=dict, optional=True)
+  max_position_embeddings: int | None = setting(None, kind=int, optional=True, check=positive)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AotConfig:
+  """`config.aot`: the recipe's own ahead-of-time target (ctxjax/aot.py); one of the two."""
+  topology: str | None = setting(None, kind=str, optional=True)
+  devices: str | None = setting(None, kind=str, optional=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: Any                 # config.model as given; model_config_from_dict validates it
+  data: DataConfig
+  train: TrainConfig
+  optim: OptimConfig
+  mesh: MeshConfig
+  stages: tuple[StageSpec, ...]
+  aot: AotConfig
+
+
+def stage_specs(raw) -> tuple[StageSpec, ...]:
+  return tuple(from_mapping(StageSpec, spec, f"stages[{i}]") for i, spec in enumerate(raw or ()))
+
+
+_SECTIONS = ("model", "data", "train", "optim", "mesh", "stages", "aot")
+
+
+def run_config(config) -> RunConfig:
+  """Every section of `config` (a ConfigDict or dict) validated; errors name the key."""
+  if isinstance(config, RunConfig):
+    return config
+  for key in config.keys():
+    if key not in _SECTIONS:
+      raise ValueError(unknown_key("", key, _SECTIONS))
+  for key in ("model", "data", "train", "optim"):
+    if key not in config:
+      raise ValueError(f"config.{key} is required")
+  get = lambda key: config[key] if key in config else None
+  return RunConfig(model=config["model"], data=data_config(config["data"]),
+                   train=from_mapping(TrainConfig, config["train"], "train"),
+                   optim=from_mapping(OptimConfig, config["optim"], "optim"),
+                   mesh=from_mapping(MeshConfig, get("mesh"), "mesh"),
+                   stages=stage_specs(get("stages")),
+                   aot=from_mapping(AotConfig, get("aot"), "aot"))
+
+
+def _unknown_override(config, argv) -> str | None:
+  """The first `--config.a.b=...` whose path `config` lacks, as unknown_key's message."""
+  for arg in argv:
+    if not arg.startswith("--config."):
+      continue
+    parts, node = arg[len("--config."):].split("=", 1)[0].split("."), config
+    for i, part in enumerate(parts):
+      if not hasattr(node, "keys") or part not in node:
+        return unknown_key(".".join(parts[:i]), part, node.keys() if hasattr(node, "keys") else ())
+      node = node[part]
+  return None
+
+
+def parse_flags(argv):
+  """absl `flags_parser` for the commands that take `--config`: a bad `--config.KEY=VALUE`
+  override exits with one line naming the key (ml_collections raises a bare AttributeError /
+  KeyError / TypeError from inside flag parsing)."""
+  from absl import app
+  from ml_collections.config_flags import config_flags
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError, TypeError, ValueError) as err:
+    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    config = config_flags.ConfigFileFlagParser(name="config").parse(spec) if spec else None
+    message = (_unknown_override(config, argv) if config is not None else None) or err
+    sys.exit(f"bad --config override: {message}")
