@@ -55,11 +55,8 @@ def read_workdir(workdir: str, step: int | None = None):
 
 
 def _abstract_params(model):
-  import jax  # noqa: PLC0415  (heavy imports after flag parsing: `--help` stays fast)
-  from flax import linen as nn  # noqa: PLC0415
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 1), jax.numpy.int32))
-  return nn.meta.unbox(abstract["params"])
+  from ctxjax.model import params as params_lib  # noqa: PLC0415 (`--help` stays fast)
+  return params_lib.unflatten(params_lib.abstract_params(model.cfg))
 
 
 def _read_import(workdir: str):

@@ -11,7 +11,7 @@ leading layer axis) and the unrolled (`layers_{i}/...`) layouts. ctxjax is rotat
 so q/k need no permutation; only torch's [out, in] Linear layout is transposed and reshaped.
 
 LoRA adapters (and a quantized LongQLoRA base) are merged into plain kernels by `save`
-(ctxjax.model.lora.merge_lora); with tokenizer.model it also writes tokenizer_config.json.
+(ctxjax.model.params.merge_lora); with tokenizer.model it also writes tokenizer_config.json.
 
 Dtypes: `load` keeps the checkpoint's dtype (fp32/bf16/fp16) unless `param_dtype` is given,
 in which case every tensor is cast on the host; `save` writes the model's `param_dtype`
@@ -36,7 +36,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
-from ctxjax.model import lora
+from ctxjax.model import params as params_lib
 from ctxjax.model.config import DTYPES, ModelConfig, model_config_from_dict
 from ctxjax.model.transformer import Transformer
 from ctxjax.positions.rope import ROPE_TYPES
@@ -139,15 +139,6 @@ def _entries(cfg: ModelConfig):
   return out + [(w, None) for w in active if not w.per_layer and not w.ctx.startswith("embed")]
 
 
-def _flatten(tree, prefix=()) -> dict[str, Any]:
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flatten(v, prefix + (str(k),)))
-    return out
-  return {"/".join(prefix): tree}
-
-
 def _set(tree: dict, path: str, value) -> None:
   *parents, leaf = path.split("/")
   for p in parents:
@@ -155,17 +146,10 @@ def _set(tree: dict, path: str, value) -> None:
   tree[leaf] = value
 
 
-def _expected_params(model: Transformer) -> dict[str, jax.ShapeDtypeStruct]:
-  """Flat {path: shape/dtype} of the model's params, from an abstract init (nothing computed)."""
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)
-  return _flatten(nn.meta.unbox(abstract["params"]))
-
-
 def _check_table_matches(model: Transformer) -> None:
   """The table must name exactly the model's params with the model's shapes."""
   cfg = model.cfg
-  want = _expected_params(model)
+  want = params_lib.abstract_params(model.cfg)
   have = {}
   for w, layer in _entries(cfg):
     if w.per_layer and cfg.scan_layers:
@@ -493,8 +477,8 @@ def load(path, *, dtype=None, param_dtype=None, scan_layers: bool = True,
 def _hf_tensors(model: Transformer, params: dict, dtype: str):
   """[(hf name, shape, nbytes, thunk -> numpy)] for every HF tensor, in HF order."""
   cfg = model.cfg
-  flat = _flatten(params)
-  want = {k: tuple(v.shape) for k, v in _expected_params(model).items()}
+  flat = params_lib.flatten(params)
+  want = {k: tuple(v.shape) for k, v in params_lib.abstract_params(model.cfg).items()}
   got = {k: tuple(np.shape(v)) for k, v in flat.items()}
   if got != want:
     raise ValueError(f"variables do not match the model config: {_diff(got, want)}")
@@ -531,8 +515,8 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
 
   cfg = model.cfg
   if cfg.lora_rank or cfg.base_quantization != "none":  # LongLoRA / LongQLoRA: one plain kernel
-    variables = {"params": lora.merge_lora(variables["params"], cfg)}
-    model = Transformer(lora.base_config(cfg))
+    variables = {"params": params_lib.merge_lora(variables["params"], cfg)}
+    model = Transformer(params_lib.base_config(cfg))
     cfg = model.cfg
   dtype = _dtype_name(dtype, "dtype") or cfg.param_dtype
   if not (isinstance(max_shard_bytes, int) and max_shard_bytes > 0):

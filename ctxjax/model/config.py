@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from ctxjax.attention.patterns import Pattern, make_pattern
+from ctxjax.model import lora, quant
 from ctxjax.positions import schemes
 from ctxjax.positions.rope import validate_rope_scaling
 
@@ -68,7 +69,7 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = True
   remat_policy: str = "none"
-  # Parameter-efficient fine-tuning (LongLoRA / LongQLoRA): ctxjax/model/lora.py, quant.py.
+  # Parameter-efficient fine-tuning (LongLoRA / LongQLoRA): lora.py, quant.py, params.py.
   lora_rank: int = 0            # 0 = no adapters
   lora_alpha: float = 16.0      # delta = (lora_alpha / lora_rank) * x A B
   lora_dropout: float = 0.0     # on the adapter input, training only
@@ -173,7 +174,6 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
                           impl=merged["attention_impl"], scheme=scheme)
   merged["attention_options_items"] = tuple(sorted(options.items()))
   merged["rope_scaling_items"] = _freeze(rope_scaling)
-  from ctxjax.model import lora, quant
   lora.validate(merged)
   quant.validate(merged)
   for key in ("rope_theta", "rms_norm_eps", "initializer_range", "xpos_scale_base", "xpos_gamma"):

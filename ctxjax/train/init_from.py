@@ -35,11 +35,10 @@ def _overlay(params, loaded_flat: dict[tuple, jax.Array]):
 
 def _quantizer(model_cfg):
   """None for a float base; else ('/'-path, float kernel) -> {'/'-path: codes / absmax}."""
-  from ctxjax.model import lora, quant  # noqa: PLC0415
+  from ctxjax.model import params as params_lib  # noqa: PLC0415
   if model_cfg.base_quantization == "none":
     return None
-  return lambda path, kernel: lora.flatten(
-      quant.quantize_params(lora.unflatten({path: kernel}), model_cfg))
+  return lambda path, kernel: params_lib.quantize_kernel(model_cfg, path, kernel)
 
 
 def _from_hf(hf_dir: str, shardings, model_cfg):
