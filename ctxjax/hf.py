@@ -26,6 +26,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import contextlib
 from contextlib import ExitStack
 from typing import Any, Callable, Mapping
 
@@ -36,6 +37,7 @@ import ml_dtypes
 import numpy as np
 from absl import logging
 
+from ctxjax.model import param_loader
 from ctxjax.model import params as params_lib
 from ctxjax.model.config import DTYPES, ModelConfig, model_config_from_dict
 from ctxjax.model.transformer import Transformer
@@ -139,17 +141,9 @@ def _entries(cfg: ModelConfig):
   return out + [(w, None) for w in active if not w.per_layer and not w.ctx.startswith("embed")]
 
 
-def _set(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for p in parents:
-    tree = tree.setdefault(p, {})
-  tree[leaf] = value
-
-
-def _check_table_matches(model: Transformer) -> None:
+def _check_table_matches(cfg: ModelConfig) -> None:
   """The table must name exactly the model's params with the model's shapes."""
-  cfg = model.cfg
-  want = params_lib.abstract_params(model.cfg)
+  want = params_lib.abstract_params(cfg)
   have = {}
   for w, layer in _entries(cfg):
     if w.per_layer and cfg.scan_layers:
@@ -383,18 +377,12 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
                           "safetensors checkpoints are supported (not pytorch_model.bin)")
 
 
-def load(path, *, dtype=None, param_dtype=None, scan_layers: bool = True,
-         place: Callable[[str, np.ndarray], Any] | None = None) -> tuple[Transformer, dict]:
-  """Load a HF LLaMA-family directory -> (Transformer, {"params": ...}).
-
-  param_dtype: None keeps the checkpoint's dtype (all tensors must share config.json's dtype);
-  otherwise tensors are cast on the host. dtype (compute) defaults to param_dtype.
-  place(name, array) receives each ctxjax parameter (path like "layers/layer/self_attn/q_proj/
-  kernel", a host numpy array, layer-stacked when scanned) and returns what is stored
-  (default jnp.asarray); tensors are read one at a time, so about one parameter is on the
-  host at once. A tied checkpoint's redundant lm_head.weight and old rotary inv_freq buffers
-  are skipped; any other unused, missing, mis-shaped or mis-typed tensor is an error naming it.
-  """
+@contextlib.contextmanager
+def tensors(path, *, dtype=None, param_dtype=None, scan_layers: bool = True):
+  """with tensors(dir) as (cfg, pairs): the model config of a HF LLaMA-family directory and an
+  iterator of (ctxjax parameter path, host numpy array) — layer-stacked when scanned, cast to
+  param_dtype — read one parameter at a time while the files are open. Every header (names,
+  shapes, dtypes) is checked before any data is read; see `load` for the dtype rules."""
   from safetensors import safe_open  # noqa: PLC0415 (optional dependency)
 
   dtype, param_dtype = _dtype_name(dtype, "dtype"), _dtype_name(param_dtype, "param_dtype")
@@ -426,8 +414,7 @@ def load(path, *, dtype=None, param_dtype=None, scan_layers: bool = True,
     param_dtype = param_dtype or stored
     cfg_dict.update(param_dtype=param_dtype, dtype=dtype or param_dtype, scan_layers=scan_layers)
     cfg = model_config_from_dict(cfg_dict)
-    model = Transformer(cfg)
-    _check_table_matches(model)
+    _check_table_matches(cfg)
 
     # Check every header before reading any data.
     entries = _entries(cfg)
@@ -450,26 +437,43 @@ def load(path, *, dtype=None, param_dtype=None, scan_layers: bool = True,
         raise ValueError(f"tensor {name} in {where[name].name} has dtype {got_dtype}, but "
                          f"config.json / the checkpoint use {stored}")
 
-    place = place or (lambda name, x: jnp.asarray(x))
     np_dtype = _NP_DTYPES[param_dtype]
 
     def read(w, layer):
       name = w.hf.format(i=layer)
       return w.to_ctx(handles[where[name]].get_tensor(name), cfg).astype(np_dtype, copy=False)
 
-    params: dict = {}
-    for w in (w for w in WEIGHTS if w.when(cfg)):
-      if w.per_layer and cfg.scan_layers:
-        stacked = np.empty((cfg.num_hidden_layers, *w.ctx_shape(cfg)), np_dtype)
-        for i in range(cfg.num_hidden_layers):
-          stacked[i] = read(w, i)
-        _set(params, _ctx_path(w, cfg, None), place(_ctx_path(w, cfg, None), stacked))
-        del stacked
-      else:
-        for i in (range(cfg.num_hidden_layers) if w.per_layer else [None]):
-          p = _ctx_path(w, cfg, i)
-          _set(params, p, place(p, read(w, i)))
-  return model, {"params": params}
+    def pairs():
+      for w in (w for w in WEIGHTS if w.when(cfg)):
+        if w.per_layer and cfg.scan_layers:
+          stacked = np.empty((cfg.num_hidden_layers, *w.ctx_shape(cfg)), np_dtype)
+          for i in range(cfg.num_hidden_layers):
+            stacked[i] = read(w, i)
+          yield _ctx_path(w, cfg, None), stacked
+          del stacked
+        else:
+          for i in (range(cfg.num_hidden_layers) if w.per_layer else [None]):
+            yield _ctx_path(w, cfg, i), read(w, i)
+
+    yield cfg, pairs()
+
+
+def load(path, *, dtype=None, param_dtype=None, scan_layers: bool = True,
+         place: Callable[[str, np.ndarray], Any] | None = None) -> tuple[Transformer, dict]:
+  """Load a HF LLaMA-family directory -> (Transformer, {"params": ...}).
+
+  param_dtype: None keeps the checkpoint's dtype (all tensors must share config.json's dtype);
+  otherwise tensors are cast on the host. dtype (compute) defaults to param_dtype.
+  place(name, array) receives each ctxjax parameter (path like "layers/layer/self_attn/q_proj/
+  kernel", a host numpy array, layer-stacked when scanned) and returns what is stored
+  (default jnp.asarray); tensors are read one at a time, so about one parameter is on the
+  host at once. A tied checkpoint's redundant lm_head.weight and old rotary inv_freq buffers
+  are skipped; any other unused, missing, mis-shaped or mis-typed tensor is an error naming it.
+  """
+  with tensors(path, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers) as (
+      cfg, pairs):
+    flat = param_loader.load_params(pairs, cfg, source=f"checkpoint {path}", place=place)
+  return Transformer(cfg), {"params": params_lib.unflatten(flat)}
 
 
 # --- save ------------------------------------------------------------------------------------
