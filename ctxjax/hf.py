@@ -43,6 +43,7 @@ from ctxjax.model import param_loader
 from ctxjax.model import params as params_lib
 from ctxjax.model.config import DTYPES, model_config_from_dict
 from ctxjax.model.transformer import Transformer
+from ctxjax.registry import unknown_choice
 
 # safetensors dtype tag <-> ctxjax dtype name <-> numpy dtype
 _ST_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -61,7 +62,7 @@ def _dtype_name(dtype, what: str) -> str | None:
     return dtype
   name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
   if name not in DTYPES:
-    raise ValueError(f"{what}={dtype!r}; valid choices: {sorted(DTYPES)}")
+    raise ValueError(unknown_choice(what, dtype, DTYPES))
   return name
 
 

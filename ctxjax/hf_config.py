@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from ctxjax.model.config import DTYPES, ModelConfig, model_config_from_dict
 from ctxjax.positions.rope_hf import hf_rope_entries, rope_from_hf
+from ctxjax.registry import unknown_choice
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 # ctxjax tokenizer special ids (ctxjax/data/tokenizer.py); the default for exported configs.
@@ -55,7 +56,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> dict:
   dtype = hf.get("dtype") or hf.get("torch_dtype")
   if dtype not in (None, "auto"):
     if dtype not in DTYPES:
-      raise ValueError(f"config.json dtype={dtype!r} is not supported; valid: {sorted(DTYPES)}")
+      raise ValueError(f"config.json: {unknown_choice('dtype', dtype, DTYPES)}")
     out["dtype"] = out["param_dtype"] = dtype
   model_config_from_dict(out)  # validate now, with ctxjax's messages
   return out
