@@ -139,8 +139,9 @@ def quantization_rows(base_params) -> list[dict]:
   for fmt in ("bfloat16", "int8", "nf4"):
     if fmt == "bfloat16":
       qcfg, apply = cfg, ref_apply
-      params = params_lib.unflatten({p: (x.astype(jnp.bfloat16).astype(x.dtype) if is_base(p) else x)
-                               for p, x in params_lib.flatten(base_params).items()})
+      params = params_lib.unflatten({
+          p: (x.astype(jnp.bfloat16).astype(x.dtype) if is_base(p) else x)
+          for p, x in params_lib.flatten(base_params).items()})
       nbytes = f32_bytes // 2
     else:
       qcfg = model_config_from_dict({**plain, "base_quantization": fmt})

@@ -84,7 +84,8 @@ def test_ntk_bases(head_dim, factor, base):
   [(None, 1e4), (1, 1e4), (100, 1e4), (256, 1e4), (512, 52664.43), (1024, 141213.76),
    (2048, 323275.00)])
 def test_dynamic_bases(seq_len, base):
-  # Dynamic NTK (emozilla 2023): max_pos 256 (Lmax is max_position_embeddings, not an original), f 4, d 64.
+  # Dynamic NTK (emozilla 2023): max_pos 256 (Lmax is max_position_embeddings, not an
+  # original), f 4, d 64.
   inv, af = inv_af(DYN4, seq_len=seq_len, max_position_embeddings=256)
   np.testing.assert_allclose(inv, base_table(64, base), rtol=RTOL_VEC)
   assert af == 1.0
