@@ -40,7 +40,8 @@ from absl import logging  # noqa: E402
 from configs import tiny, tiny_longlora  # noqa: E402
 from ctxjax import export_hf  # noqa: E402
 from ctxjax.data.demo import DemoData  # noqa: E402
-from ctxjax.model import Transformer, lora, model_config_from_dict, quant  # noqa: E402
+from ctxjax.model import Transformer, lora, model_config_from_dict  # noqa: E402
+from ctxjax.model import params as params_lib  # noqa: E402
 from ctxjax.train import trainable  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
 from ctxjax.train.step import cross_entropy, make_eval_step  # noqa: E402
@@ -83,7 +84,7 @@ def finetune(variant: str, base_params, steps: int) -> tuple[dict, dict, object]
   config.optim.warmup_steps = min(config.optim.warmup_steps, steps)
   cfg = model_config_from_dict(config.model)
   model = Transformer(cfg)
-  params = lora.init_from_base(base_params, cfg, jax.random.PRNGKey(config.train.seed))
+  params = params_lib.init_from_base(base_params, cfg, jax.random.PRNGKey(config.train.seed))
   tx, _ = make_optimizer(config.optim, steps)
   mask = trainable.trainable_mask(params, list(config.optim.trainable))
 
@@ -99,15 +100,15 @@ def finetune(variant: str, base_params, steps: int) -> tuple[dict, dict, object]
     return optax.apply_updates(p, updates), opt_state, loss
 
   opt_state = jax.jit(tx.init)(params)
-  flat_mask = lora.flatten(mask)
+  flat_mask = params_lib.flatten(mask)
   row = {
       "variant": variant, "lora_rank": cfg.lora_rank,
       "lora_targets": list(cfg.lora_targets) if cfg.lora_rank else [],
       "base_quantization": cfg.base_quantization, "trainable": list(config.optim.trainable),
-      "params_trainable": sum(int(np.size(x)) for p, x in lora.flatten(params).items()
+      "params_trainable": sum(int(np.size(x)) for p, x in params_lib.flatten(params).items()
                               if flat_mask[p]),
       "opt_state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(opt_state))),
-      "param_bytes": quant.weight_bytes(params),  # all parameters, as stored
+      "param_bytes": params_lib.weight_bytes(params),  # all parameters, as stored
       "eval_loss_before": eval_loss(model, params, config),
   }
   losses, times = [], []
@@ -133,19 +134,20 @@ def quantization_rows(base_params) -> list[dict]:
   ref_apply = jax.jit(Transformer(cfg).apply)
   ref = np.asarray(ref_apply({"params": base_params}, batch["inputs"]), np.float64)
   is_base = lambda p: p.split("/")[-2] in lora.BLOCK_PROJECTIONS
-  f32_bytes = quant.weight_bytes(base_params, is_base)
+  f32_bytes = params_lib.weight_bytes(base_params, is_base)
   rows = []
   for fmt in ("bfloat16", "int8", "nf4"):
     if fmt == "bfloat16":
       qcfg, apply = cfg, ref_apply
-      params = lora.unflatten({p: (x.astype(jnp.bfloat16).astype(x.dtype) if is_base(p) else x)
-                               for p, x in lora.flatten(base_params).items()})
+      params = params_lib.unflatten({
+          p: (x.astype(jnp.bfloat16).astype(x.dtype) if is_base(p) else x)
+          for p, x in params_lib.flatten(base_params).items()})
       nbytes = f32_bytes // 2
     else:
       qcfg = model_config_from_dict({**plain, "base_quantization": fmt})
-      params = quant.quantize_params(base_params, qcfg)
+      params = params_lib.quantize_params(base_params, qcfg)
       apply = jax.jit(Transformer(qcfg).apply)
-      nbytes = quant.weight_bytes(params, is_base)
+      nbytes = params_lib.weight_bytes(params, is_base)
     out = np.asarray(apply({"params": params}, batch["inputs"]), np.float64)
     rows.append({"format": fmt, "base_bytes": int(nbytes),
                  "bytes_vs_bf16": nbytes / (f32_bytes // 2), "float32_bytes": int(f32_bytes),

@@ -54,19 +54,23 @@ def read_workdir(workdir: str, step: int | None = None):
   return model, {"params": params}, token_ids
 
 
-def _abstract_params(model):
-  import jax  # noqa: PLC0415  (heavy imports after flag parsing: `--help` stays fast)
-  from flax import linen as nn  # noqa: PLC0415
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
-                            jax.ShapeDtypeStruct((1, 1), jax.numpy.int32))
-  return nn.meta.unbox(abstract["params"])
+def _checked(model, flat: dict, source: str) -> dict:
+  """`flat` as the model's parameter tree, checked by the one parameter loader (kept on the
+  host: hf.save reads them one at a time)."""
+  from ctxjax.model import param_loader  # noqa: PLC0415 (`--help` stays fast)
+  from ctxjax.model import params as params_lib  # noqa: PLC0415
+  loaded = param_loader.load_params(flat.items(), model.cfg, source=source,
+                                    place=lambda path, array: array)
+  missing = param_loader.missing(loaded, model.cfg)
+  if missing:
+    raise ValueError(f"{source} lacks parameter(s) {missing[:8]}")
+  return params_lib.unflatten(loaded)
 
 
 def _read_import(workdir: str):
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   from ctxjax import import_hf  # noqa: PLC0415
   from ctxjax.model import Transformer, model_config_from_dict  # noqa: PLC0415
+  from ctxjax.train import checkpoint  # noqa: PLC0415
 
   config_path = os.path.join(workdir, import_hf.MODEL_CONFIG)
   params_dir = os.path.join(workdir, import_hf.PARAMS_DIR)
@@ -76,37 +80,18 @@ def _read_import(workdir: str):
                               f"{CHECKPOINTS}/ nor an import (run python -m ctxjax.import_hf)")
   with open(config_path, encoding="utf-8") as f:
     model = Transformer(model_config_from_dict(json.load(f)))
-  params = ocp.StandardCheckpointer().restore(params_dir, _abstract_params(model))
-  return model, params
+  return model, _checked(model, checkpoint.read_tree(params_dir), params_dir)
 
 
 def _read_training_checkpoint(directory: str, step: int | None):
-  import jax  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
-  import orbax.checkpoint as ocp  # noqa: PLC0415
-
   from ctxjax.model import Transformer, model_config_from_dict  # noqa: PLC0415
+  from ctxjax.train import checkpoint  # noqa: PLC0415
 
-  manager = ocp.CheckpointManager(directory, item_handlers={
-      "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(f"--step={step}: {directory} has steps {sorted(steps)}")
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    if "model_config" not in meta:
-      raise ValueError(f"{directory}/{step} has no model_config in its metadata")
-    model = Transformer(model_config_from_dict(meta["model_config"]))
-    abstract = _abstract_params(model)
-    host = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item={"params": abstract}, restore_args={"params": host}, partial_restore=True)))
-  finally:
-    manager.close()
-  return model, restored["state"]["params"]
+  flat, meta, step = checkpoint.read_params(directory, step, step_flag="--step")
+  if "model_config" not in meta:
+    raise ValueError(f"{directory}/{step} has no model_config in its metadata")
+  model = Transformer(model_config_from_dict(meta["model_config"]))
+  return model, _checked(model, flat, f"{directory}/{step}")
 
 
 def main(argv):

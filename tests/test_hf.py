@@ -140,7 +140,7 @@ def _copy(src, dst):
 @pytest.mark.parametrize("name", list(ROPES))
 def test_logits_match_transformers(tmp_path, name):
   rope = ROPES[name]
-  # dynamic NTK reads max_position_embeddings as the original length (TECHNIQUES 20.4).
+  # dynamic NTK reads max_position_embeddings as the original length (emozilla 2023, as HF 5.23).
   max_pos = ORIG if name == "dynamic" else 4 * ORIG
   torch_model = _hf_model(tmp_path / "hf", rope, theta=_theta(name), max_pos=max_pos)
   model, variables = hf.load(tmp_path / "hf")

@@ -80,12 +80,12 @@ def test_init_from_hf_equals_the_imported_weights(tmp_path, tiny_model_dict):
   _assert_trees_equal(params, expected["params"])
 
   # LongQLoRA from HF weights: kernels quantized on load, adapters kept at their init.
-  from ctxjax.model import lora, quant
+  from ctxjax.model import params as params_lib
   qcfg, qfresh, qshardings = _state({**d, "rms_norm_eps": 1e-6, "base_quantization": "nf4",
                                      "quant_block_size": 8, "lora_rank": 4}, seed=0)
-  qparams = lora.flatten(initial_params(_train_cfg(init_from_hf=str(tmp_path / "hf")),
+  qparams = params_lib.flatten(initial_params(_train_cfg(init_from_hf=str(tmp_path / "hf")),
                                         qfresh.params, qshardings.params, qcfg))
-  want = lora.flatten(quant.quantize_params(expected["params"], qcfg))
+  want = params_lib.flatten(params_lib.quantize_params(expected["params"], qcfg))
   assert set(qparams) - set(want) == {p for p in qparams if "/lora_" in p}
   for path, value in want.items():
     np.testing.assert_array_equal(np.asarray(qparams[path]), np.asarray(value), err_msg=path)
@@ -101,7 +101,7 @@ def test_init_from_float_run_into_quantized_lora_model(tmp_path, tiny_model_dict
   """LongQLoRA's start: a float run's kernels are quantized on load (codes + absmax equal to
   quantizing the saved kernels), every other tensor is taken as is, the new adapters keep
   their initialisation (B = 0: the model starts as the quantized base)."""
-  from ctxjax.model import lora, quant
+  from ctxjax.model import params as params_lib
   cfg, saved, _ = _state(tiny_model_dict, seed=1)
   ckpt = Checkpointer(tmp_path / "old", save_every=1, keep=1, async_save=False)
   ckpt.save(3, saved, data_state={"stage": 0, "data": {}}, meta={"model_config": cfg.to_dict()},
@@ -112,14 +112,14 @@ def test_init_from_float_run_into_quantized_lora_model(tmp_path, tiny_model_dict
                                    "quant_block_size": 8, "lora_rank": 4}, seed=2)
   params = initial_params(_train_cfg(init_from=str(tmp_path / "old")), fresh.params,
                           shardings.params, qcfg)
-  got = lora.flatten(params)
-  want = lora.flatten(quant.quantize_params(saved.params, qcfg))
+  got = params_lib.flatten(params)
+  want = params_lib.flatten(params_lib.quantize_params(saved.params, qcfg))
   adapters = [p for p in got if p.endswith(("/lora_a", "/lora_b"))]
   assert adapters and set(got) == set(want) | set(adapters)
   for path, value in want.items():
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(value), err_msg=path)
-  fresh_flat = lora.flatten(fresh.params)
+  fresh_flat = params_lib.flatten(fresh.params)
   for path in adapters:
     np.testing.assert_array_equal(np.asarray(got[path]), np.asarray(fresh_flat[path]))
-  by_path = lora.flatten(shardings.params)
+  by_path = params_lib.flatten(shardings.params)
   assert all(got[p].sharding == by_path[p] for p in got)

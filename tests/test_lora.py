@@ -13,7 +13,8 @@ import pytest
 
 import lora_cases as cases
 from ctxjax.model import Transformer, lora
-from ctxjax.model.layers import Projection
+from ctxjax.model import params as params_lib
+from ctxjax.model.layers import block_projection
 from ctxjax.train import trainable
 from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import TrainState, make_train_step
@@ -49,20 +50,20 @@ def base():
 def adapted(base):
   """The base with trained-looking adapters (random A and B) on every block projection."""
   cfg = cases.config(**LORA)
-  params = lora.flatten(lora.init_from_base(base[1], cfg, jax.random.PRNGKey(0)))
+  params = params_lib.flatten(params_lib.init_from_base(base[1], cfg, jax.random.PRNGKey(0)))
   rng = np.random.default_rng(1)
   for path in [p for p in params if p.endswith("/lora_b")]:
     params[path] = jnp.asarray(rng.normal(0, 0.1, params[path].shape), jnp.float32)
-  return cfg, lora.unflatten(params), jax.jit(Transformer(cfg).apply)
+  return cfg, params_lib.unflatten(params), jax.jit(Transformer(cfg).apply)
 
 
 def test_fresh_adapters_leave_the_model_exactly_unchanged(base, adapted):
   cfg, params, apply = base
   lcfg, _, lora_apply = adapted
-  fresh = lora.init_from_base(params, lcfg, jax.random.PRNGKey(0))
+  fresh = params_lib.init_from_base(params, lcfg, jax.random.PRNGKey(0))
   per_layer = ((32 * 4 + 4 * 32) + 2 * (32 * 4 + 4 * 16) + (32 * 4 + 4 * 32)  # q, k, v, o
                + 2 * (32 * 4 + 4 * 64) + (64 * 4 + 4 * 32))  # gate, up, down
-  assert lora.count(fresh, "lora_") == 2 * per_layer == 4096
+  assert params_lib.count(fresh, "lora_") == 2 * per_layer == 4096
   out = lora_apply({"params": fresh}, cases.tokens())
   np.testing.assert_array_equal(out, apply({"params": params}, cases.tokens()))
 
@@ -73,9 +74,9 @@ class _QO(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    q = Projection(self.cfg, (32, 4, 8), ("embed", "heads", "head_dim"), name="q_proj")(x)
-    return Projection(self.cfg, (4, 8, 32), ("heads", "head_dim", "embed"), n_in=2,
-                      name="o_proj")(q)
+    q = block_projection(self.cfg, "q_proj", (32, 4, 8), ("embed", "heads", "head_dim"))(x)
+    return block_projection(self.cfg, "o_proj", (4, 8, 32), ("heads", "head_dim", "embed"),
+                            n_in=2)(q)
 
 
 def test_adapter_init_and_logical_names():
@@ -99,21 +100,21 @@ def test_merged_kernels_reproduce_the_adapter_model(base, adapted, variant):
     plain_apply = base[2]
   else:
     cfg = cases.config(**QLORA)
-    params = lora.flatten(lora.init_from_base(
-        cases.random_params(lora.base_config(cfg), std=0.1), cfg, jax.random.PRNGKey(0)))
+    params = params_lib.flatten(params_lib.init_from_base(
+        cases.random_params(params_lib.base_config(cfg), std=0.1), cfg, jax.random.PRNGKey(0)))
     for path in [p for p in params if p.endswith("/lora_b")]:
       params[path] = jnp.full(params[path].shape, 0.05)
-    params, apply = lora.unflatten(params), jax.jit(Transformer(cfg).apply)
-    plain_apply = jax.jit(Transformer(lora.base_config(cfg)).apply)
-  merged = lora.merge_lora(params, cfg)
+    params, apply = params_lib.unflatten(params), jax.jit(Transformer(cfg).apply)
+    plain_apply = jax.jit(Transformer(params_lib.base_config(cfg)).apply)
+  merged = params_lib.merge_lora(params, cfg)
   assert jax.tree.map(jnp.shape, merged) == jax.tree.map(
-      jnp.shape, lora.unflatten(lora.abstract_params(lora.base_config(cfg))))
+      jnp.shape, params_lib.unflatten(params_lib.abstract_params(params_lib.base_config(cfg))))
   want = apply({"params": params}, cases.tokens())
   got = plain_apply({"params": merged}, cases.tokens())
   assert float(jnp.max(jnp.abs(got - want))) <= 1e-5
   # The adapters matter: without them the logits move far more than the tolerance.
-  unmerged = {k: v for k, v in lora.flatten(params).items() if "lora_" not in k}
-  no_adapters = plain_apply({"params": lora.merge_lora(lora.unflatten(unmerged), cfg)},
+  unmerged = {k: v for k, v in params_lib.flatten(params).items() if "lora_" not in k}
+  no_adapters = plain_apply({"params": params_lib.merge_lora(params_lib.unflatten(unmerged), cfg)},
                             cases.tokens())
   assert float(jnp.max(jnp.abs(no_adapters - want))) > 0.05
 
@@ -124,8 +125,9 @@ def test_adapter_dropout_only_when_training():
   names = ("embed", "heads", "head_dim")
   params = {"kernel": jnp.zeros((32, 4, 8)), "lora_a": jnp.ones((32, 4)),
             "lora_b": jnp.ones((4, 4, 8))}
-  apply = lambda training, **kw: Projection(cfg, (32, 4, 8), names, training=training,
-                                            name="q_proj").apply({"params": params}, x, **kw)
+  apply = lambda training, **kw: block_projection(cfg, "q_proj", (32, 4, 8), names,
+                                                  training=training).apply({"params": params},
+                                                                           x, **kw)
   scale = 16.0 / 4 * 4  # alpha (default 16) / r, times r (A and B all ones)
   np.testing.assert_array_equal(apply(False), scale * 32)
   with pytest.raises(ValueError, match="lora_dropout=0.5 needs a 'dropout' PRNG"):
@@ -142,21 +144,21 @@ def test_adapter_dropout_only_when_training():
 
 def test_trainable_mask_and_errors(adapted):
   cfg, params, _ = adapted
-  mask = lora.flatten(trainable.trainable_mask(params, LONGLORA))
+  mask = params_lib.flatten(trainable.trainable_mask(params, LONGLORA))
   chosen = sorted(p for p, m in mask.items() if m)
   assert chosen == sorted(p for p in mask if "lora_" in p or p.endswith("scale")
                           or p == "embed_tokens/embedding")
   assert not mask["lm_head/kernel"] and not mask["layers/layer/self_attn/q_proj/kernel"]
-  assert all(lora.flatten(trainable.trainable_mask(params, [])).values())
+  assert all(params_lib.flatten(trainable.trainable_mask(params, [])).values())
   with pytest.raises(ValueError, match="pattern 'attn_bias' matches no parameter"):
     trainable.trainable_mask(params, ["lora_", "attn_bias"])
   with pytest.raises(ValueError, match="not a valid regex"):
     trainable.trainable_mask(params, ["lora_("])
   qcfg = cases.config(base_quantization="int8", **LORA)
-  qparams = lora.unflatten(lora.abstract_params(qcfg))  # shapes and dtypes suffice
+  qparams = params_lib.unflatten(params_lib.abstract_params(qcfg))  # shapes and dtypes suffice
   with pytest.raises(ValueError, match="selects the frozen quantized base"):
     trainable.trainable_mask(qparams, ["lora_", "kernel"])
-  qmask = lora.flatten(trainable.trainable_mask(qparams, []))
+  qmask = params_lib.flatten(trainable.trainable_mask(qparams, []))
   assert not any(m for p, m in qmask.items() if "kernel_int8" in p or "kernel_absmax" in p)
 
 
@@ -178,12 +180,12 @@ def trained(adapted):
 
 def test_only_filtered_parameters_change_and_hold_optimizer_state(trained):
   cfg, tx, before, state = trained
-  mask = lora.flatten(trainable.trainable_mask(before, LONGLORA))
-  after = lora.flatten(state.params)
-  for path, old in lora.flatten(before).items():
+  mask = params_lib.flatten(trainable.trainable_mask(before, LONGLORA))
+  after = params_lib.flatten(state.params)
+  for path, old in params_lib.flatten(before).items():
     changed = bool(np.any(np.asarray(after[path]) != old))
     assert changed == mask[path], path  # weight decay is 0: every change comes from gradients
-  n_trainable = sum(np.size(x) for p, x in lora.flatten(before).items() if mask[p])
+  n_trainable = sum(np.size(x) for p, x in params_lib.flatten(before).items() if mask[p])
   n_all = sum(np.size(x) for x in jax.tree.leaves(before))
   moments = lambda s: sum(np.size(x) for x in jax.tree.leaves(s) if np.ndim(x) > 0)
   assert moments(state.opt_state) == 2 * n_trainable  # Adam's mu and nu, trainable leaves only
@@ -204,7 +206,7 @@ def test_optimizer_state_shards_like_the_parameters(adapted):
   shardings = sharding.logical_to_shardings(opt_state, sharding.create_mesh({}),
                                             sharding.DEFAULT_RULES)
   placed = jax.tree.map(lambda x, s: (x.shape, s.spec), nn.meta.unbox(opt_state), shardings)
-  mu = lora.flatten(placed[1][0].mu)
+  mu = params_lib.flatten(placed[1][0].mu)
   assert mu["layers/layer/self_attn/q_proj/kernel"] is None  # frozen: no moment
   assert mu["layers/layer/self_attn/q_proj/lora_b"][0] == (2, 4, 4, 8)
 
@@ -212,7 +214,7 @@ def test_optimizer_state_shards_like_the_parameters(adapted):
 def test_quantized_base_stays_bit_identical_under_training():
   """LongQLoRA: only the adapters and norms train; int codes never reach jax.grad."""
   cfg = cases.config(**QLORA)
-  params = lora.init_from_base(cases.random_params(lora.base_config(cfg), std=0.1), cfg,
+  params = params_lib.init_from_base(cases.random_params(params_lib.base_config(cfg), std=0.1), cfg,
                                jax.random.PRNGKey(0))
   patterns = ["lora_", "norm"]
   tx, _ = make_optimizer(_optim(patterns), 10)
@@ -235,7 +237,7 @@ def test_quantized_base_stays_bit_identical_under_training():
              if np.ndim(x) > 0)
   new, opt_state, grads = step(params, opt_state, _batch())
   new, opt_state, grads = step(new, opt_state, _batch(1))
-  flat_old, flat_new, flat_grads = (lora.flatten(t) for t in (params, new, grads))
+  flat_old, flat_new, flat_grads = (params_lib.flatten(t) for t in (params, new, grads))
   for path, old in flat_old.items():
     if "lora_" in path or "norm" in path:
       assert np.any(np.asarray(flat_new[path]) != np.asarray(old)), path
@@ -261,8 +263,8 @@ def test_export_from_a_training_checkpoint_merges_adapters(trained, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, variables["params"],
                jax.tree.map(np.asarray, state.params))
   hf.save(model, variables, tmp_path / "from_run")
-  hf.save(Transformer(lora.base_config(cfg)),
-          {"params": lora.merge_lora(state.params, cfg)}, tmp_path / "direct")
+  hf.save(Transformer(params_lib.base_config(cfg)),
+          {"params": params_lib.merge_lora(state.params, cfg)}, tmp_path / "direct")
   got, want = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("from_run", "direct"))
   assert sorted(got) == sorted(want) and not any("lora" in k for k in got)
   for k in want:

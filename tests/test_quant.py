@@ -7,6 +7,7 @@ import pytest
 
 import lora_cases as cases
 from ctxjax.model import Transformer, lora, quant
+from ctxjax.model import params as params_lib
 
 # QLoRA (Dettmers et al. 2023), Appendix E / bitsandbytes' NF4 table, as published.
 PUBLISHED_NF4 = [
@@ -89,34 +90,34 @@ def reference_logits(float_base):
 def test_quantize_params_layout_and_bytes(scan_layers, fmt, code_bytes):
   cfg = cases.config(scan_layers=scan_layers)
   params = cases.random_params(cfg, seed=1, std=0.02)
-  n_block = sum(x.size for p, x in lora.flatten(params).items()
+  n_block = sum(x.size for p, x in params_lib.flatten(params).items()
                 if p.split("/")[-2] in lora.BLOCK_PROJECTIONS)
   qcfg = cases.config(scan_layers=scan_layers, base_quantization=fmt)
-  q = quant.quantize_params(params, qcfg)
-  expected = lora.abstract_params(qcfg)
-  assert {p: (x.shape, x.dtype) for p, x in lora.flatten(q).items()} == {
+  q = params_lib.quantize_params(params, qcfg)
+  expected = params_lib.abstract_params(qcfg)
+  assert {p: (x.shape, x.dtype) for p, x in params_lib.flatten(q).items()} == {
       p: (x.shape, x.dtype) for p, x in expected.items()}
-  in_codes = quant.weight_bytes(q, lambda p: p.endswith(quant.FORMATS[fmt].codes_name))
-  in_absmax = quant.weight_bytes(q, lambda p: p.endswith(quant.ABSMAX))
+  in_codes = params_lib.weight_bytes(q, lambda p: p.endswith(quant.FORMATS[fmt].codes_name))
+  in_absmax = params_lib.weight_bytes(q, lambda p: p.endswith(quant.ABSMAX))
   assert in_codes == n_block * code_bytes and in_absmax == n_block // 16 * 4
   untouched = lambda p: "lm_head" in p or "embed" in p or "norm" in p
-  assert quant.weight_bytes(q, untouched) == quant.weight_bytes(params, untouched)
-  back = lora.flatten(quant.dequantize_params(q, qcfg))
+  assert params_lib.weight_bytes(q, untouched) == params_lib.weight_bytes(params, untouched)
+  back = params_lib.flatten(params_lib.dequantize_params(q, qcfg))
   bound = 1 / 254 if fmt == "int8" else NF4_HALF_GAP
-  for path, w in lora.flatten(params).items():
+  for path, w in params_lib.flatten(params).items():
     tol = bound * float(np.abs(w).max())
     np.testing.assert_allclose(back[path], w, atol=tol * 1.0001 + 1e-12, rtol=0)
 
 
 def test_quantized_projection_output_within_its_bound_and_frozen():
   """One projection: |x (W - Q(W))| <= |x| @ (per-weight bound); no gradient reaches the base."""
-  from ctxjax.model.layers import Projection
+  from ctxjax.model.layers import block_projection
   cfg = cases.config(base_quantization="int8")
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(0, 1, (3, 32)), jnp.float32)
   w = jnp.asarray(rng.normal(0, 0.1, (32, 4, 8)), jnp.float32)
   codes, absmax = jax.jit(quant.int8_quantize, static_argnums=(1, 2))(w, 1, 16)
-  proj = Projection(cfg, (32, 4, 8), ("embed", "heads", "head_dim"), name="q_proj")
+  proj = block_projection(cfg, "q_proj", (32, 4, 8), ("embed", "heads", "head_dim"))
   apply = lambda s: proj.apply({"params": {"kernel_int8": codes, "kernel_absmax": s}}, x)
   y, grad = jax.jit(lambda s: (apply(s), jax.grad(lambda s: jnp.sum(apply(s)))(s)))(absmax)
   x, w, y, absmax = (np.asarray(a, np.float64) for a in (x, w, y, absmax))
@@ -132,7 +133,7 @@ def test_quantized_projection_output_within_its_bound_and_frozen():
 def test_quantized_model_close_to_float(float_base, reference_logits, fmt, mean_rel, max_rel):
   cfg, params = float_base
   qcfg = cases.config(base_quantization=fmt, lora_rank=4)
-  qparams = lora.init_from_base(params, qcfg, jax.random.PRNGKey(0))
+  qparams = params_lib.init_from_base(params, qcfg, jax.random.PRNGKey(0))
   out = jax.jit(Transformer(qcfg).apply)({"params": qparams}, cases.tokens())
   ref = reference_logits
   err = jnp.abs(out - ref)
@@ -142,7 +143,7 @@ def test_quantized_model_close_to_float(float_base, reference_logits, fmt, mean_
 
 
 def test_bad_quantization_config():
-  with pytest.raises(ValueError, match=r"base_quantization='fp4'.*'none', 'int8', 'nf4'"):
+  with pytest.raises(ValueError, match=r"base_quantization='fp4'.*'int8', 'nf4', 'none'"):
     cases.config(base_quantization="fp4")
   with pytest.raises(ValueError, match=r"quant_block_size=24 must divide.*hidden_size"):
     cases.config(base_quantization="int8", quant_block_size=24)

@@ -1,4 +1,5 @@
-"""Spec for ctxjax.positions.rope: TECHNIQUES.md sections 1-3 vectors and HF 5.23 parity."""
+"""Spec for ctxjax.positions.rope: reference vectors of each method (RoPE, Su et al. 2021;
+PI, Chen et al. 2023; NTK, bloc97 2023; YaRN, Peng et al. 2023; Llama 3.1) and HF 5.23 parity."""
 
 import math
 
@@ -15,10 +16,10 @@ from ctxjax.positions.rope import (
   validate_rope_scaling,
 )
 
-# Config A (TECHNIQUES.md): head_dim 64, theta 1e4, max_pos 1024, original 256, factor 4.
+# Config A: head_dim 64, theta 1e4, max_pos 1024, original 256, factor 4.
 A = dict(head_dim=64, rope_theta=1e4, max_position_embeddings=1024)
 IDX = [0, 10, 31]
-RTOL_VEC = 2e-6  # TECHNIQUES vectors carry 7 significant digits
+RTOL_VEC = 2e-6  # the reference vectors carry 7 significant digits
 DYN4 = {"rope_type": "dynamic", "factor": 4.0}
 YARN_A = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
 LLAMA3_A = {"rope_type": "llama3", "factor": 4.0, "original_max_position_embeddings": 256}
@@ -43,7 +44,7 @@ def base_table(head_dim, base):
   return base ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
 
 
-# --- TECHNIQUES.md vectors
+# --- reference vectors (float64, from each paper's formula)
 
 
 def test_registry_has_all_types():
@@ -83,7 +84,8 @@ def test_ntk_bases(head_dim, factor, base):
   [(None, 1e4), (1, 1e4), (100, 1e4), (256, 1e4), (512, 52664.43), (1024, 141213.76),
    (2048, 323275.00)])
 def test_dynamic_bases(seq_len, base):
-  # TECHNIQUES: max_pos 256 (Lmax is max_position_embeddings, not an original), f 4, d 64.
+  # Dynamic NTK (emozilla 2023): max_pos 256 (Lmax is max_position_embeddings, not an
+  # original), f 4, d 64.
   inv, af = inv_af(DYN4, seq_len=seq_len, max_position_embeddings=256)
   np.testing.assert_allclose(inv, base_table(64, base), rtol=RTOL_VEC)
   assert af == 1.0

@@ -22,6 +22,7 @@ from ctxjax import attention
 from ctxjax.attention.dilated import dilated_attention
 from ctxjax.attention.lm_infinite import lm_infinite_attention
 from ctxjax.attention.s2 import s2_attention
+from ctxjax.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +35,11 @@ class Mode:
   allows_alibi: bool = True
 
 
-MODES: dict[str, Mode] = {}
+MODES: Registry[Mode] = Registry("model.attention_mode")
 
 
 def register_mode(mode: Mode) -> Mode:
-  MODES[mode.name] = mode
-  return mode
+  return MODES.add(mode.name, mode)
 
 
 def _rotated(cfg, scheme, q, k, positions):
@@ -92,9 +92,7 @@ register_mode(Mode("lm_infinite", _lm_infinite, {"n_global": int, "n_local": int
 
 def validate_mode(name: str, options: dict, *, impl: str, scheme) -> dict:
   """Check a mode and its options at the config boundary; returns the options."""
-  if name not in MODES:
-    raise ValueError(f"model.attention_mode={name!r}; valid choices: {sorted(MODES)}")
-  mode = MODES[name]
+  mode = MODES.get(name)
   options = dict(options or {})
   missing = sorted(set(mode.options) - set(options))
   unknown = sorted(set(options) - set(mode.options))

@@ -12,12 +12,17 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from ctxjax.attention.patterns import Pattern, make_pattern
+from ctxjax.model import lora, quant
 from ctxjax.positions import schemes
 from ctxjax.positions.rope import validate_rope_scaling
+from ctxjax.registry import Registry, unknown_choice
 
 import jax
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES: Registry = Registry("model.param_dtype")  # dtype name -> jnp dtype
+for _name, _dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16),
+                      ("float16", jnp.float16)):
+  DTYPES.add(_name, _dtype)
 COMPUTE_DTYPES = (*DTYPES, "auto")  # auto: bfloat16 on accelerators, float32 on CPU
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
@@ -68,7 +73,7 @@ class ModelConfig:
   param_dtype: str = "float32"  # master weights
   scan_layers: bool = True
   remat_policy: str = "none"
-  # Parameter-efficient fine-tuning (LongLoRA / LongQLoRA): ctxjax/model/lora.py, quant.py.
+  # Parameter-efficient fine-tuning (LongLoRA / LongQLoRA): lora.py, quant.py, params.py.
   lora_rank: int = 0            # 0 = no adapters
   lora_alpha: float = 16.0      # delta = (lora_alpha / lora_rank) * x A B
   lora_dropout: float = 0.0     # on the adapter input, training only
@@ -136,12 +141,10 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
     raise ValueError(
         f"model.num_attention_heads ({merged['num_attention_heads']}) must be divisible by "
         f"model.num_key_value_heads ({merged['num_key_value_heads']})")
-  for key, valid in (("dtype", COMPUTE_DTYPES), ("param_dtype", tuple(DTYPES))):
+  for key, valid in (("dtype", COMPUTE_DTYPES), ("param_dtype", DTYPES),
+                     ("remat_policy", REMAT_POLICIES)):
     if merged[key] not in valid:
-      raise ValueError(f"model.{key}={merged[key]!r}; valid choices: {sorted(valid)}")
-  if merged["remat_policy"] not in REMAT_POLICIES:
-    raise ValueError(
-        f"model.remat_policy={merged['remat_policy']!r}; valid choices: {list(REMAT_POLICIES)}")
+      raise ValueError(unknown_choice(f"model.{key}", merged[key], valid))
   if not merged["rope_theta"] > 0:
     raise ValueError(f"model.rope_theta must be > 0, got {merged['rope_theta']!r}")
 
@@ -162,8 +165,8 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
 
   from ctxjax import attention  # late import: attention registers kernels on import
   if merged["attention_impl"] not in attention.IMPLEMENTATIONS:
-    raise ValueError(f"model.attention_impl={merged['attention_impl']!r}; valid choices: "
-                     f"{sorted(attention.IMPLEMENTATIONS)}")
+    raise ValueError(unknown_choice("model.attention_impl", merged["attention_impl"],
+                                    attention.IMPLEMENTATIONS))
   pattern = merged["attention_pattern"]
   if not isinstance(pattern, Pattern):
     pattern = make_pattern(**dict(pattern))
@@ -173,7 +176,6 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
                           impl=merged["attention_impl"], scheme=scheme)
   merged["attention_options_items"] = tuple(sorted(options.items()))
   merged["rope_scaling_items"] = _freeze(rope_scaling)
-  from ctxjax.model import lora, quant
   lora.validate(merged)
   quant.validate(merged)
   for key in ("rope_theta", "rms_norm_eps", "initializer_range", "xpos_scale_base", "xpos_gamma"):

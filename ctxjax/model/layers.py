@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctxjax.model import attention_modes, lora, quant
+from ctxjax.model import attention_modes
+from ctxjax.model import lora as lora_lib
+from ctxjax.model import quant as quant_lib
 from ctxjax.model.config import ModelConfig
 from ctxjax.positions import schemes
 
@@ -40,10 +42,12 @@ class Mlp(nn.Module):
   def __call__(self, x_BTE):
     cfg, training = self.cfg, self.training
     e, m = cfg.hidden_size, cfg.intermediate_size
-    gate_BTM = Projection(cfg, (e, m), ("embed", "mlp"), training=training, name="gate_proj")(x_BTE)
-    up_BTM = Projection(cfg, (e, m), ("embed", "mlp"), training=training, name="up_proj")(x_BTE)
+    proj = lambda name, shape, names: block_projection(cfg, name, shape, names,
+                                                       training=training)
+    gate_BTM = proj("gate_proj", (e, m), ("embed", "mlp"))(x_BTE)
+    up_BTM = proj("up_proj", (e, m), ("embed", "mlp"))(x_BTE)
     h_BTM = nn.with_logical_constraint(nn.silu(gate_BTM) * up_BTM, ("batch", "length", "mlp"))
-    return Projection(cfg, (m, e), ("mlp", "embed"), training=training, name="down_proj")(h_BTM)
+    return proj("down_proj", (m, e), ("mlp", "embed"))(h_BTM)
 
 
 def matmul_2d(x, kernel, n_in: int = 1):
@@ -59,23 +63,43 @@ class Projection(nn.Module):
   """A bias-free linear map with an explicitly shaped, logically named kernel (flax's
   DenseGeneral inits kernels flat and reshapes, which breaks per-parameter sharding constraints
   under a mesh). The kernel's first `n_in` dims contract with x's last `n_in` dims. The kernel
-  may be a quantized frozen base (quant.py) and carry a LoRA adapter (lora.py)."""
+  may be stored as a quantized frozen base (`quant`, quant.py) and carry a LoRA adapter
+  (`lora`, lora.py); the caller decides both (`block_projection`), as MaxText hands
+  DenseGeneral its `quant`."""
   cfg: ModelConfig
   kernel_shape: tuple[int, ...]
   names: tuple[str, ...]
   n_in: int = 1
   training: bool = False
+  lora: lora_lib.LoraSpec | None = None
+  quant: quant_lib.QuantSpec | None = None
 
   @nn.compact
   def __call__(self, x):
     cfg, dtype = self.cfg, self.cfg.compute_dtype
-    kernel = quant.kernel(self, nn.initializers.normal(cfg.initializer_range))
-    y = matmul_2d(x.astype(dtype), kernel.astype(dtype), self.n_in)
-    if lora.applies(cfg, self.name):  # + (alpha / r) * dropout(x) A B
-      a, b = lora.adapter(self)
-      h = matmul_2d(lora.dropout(self, x, self.training).astype(dtype), a.astype(dtype), self.n_in)
-      y = y + lora.scale(cfg) * matmul_2d(h, b.astype(dtype))
+    shape, names, n_in = self.kernel_shape, self.names, self.n_in
+    init = nn.initializers.normal(cfg.initializer_range)
+    if self.quant is None:
+      kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape,
+                          cfg.weight_dtype)
+    else:
+      kernel = quant_lib.frozen_kernel(self, self.quant, init, shape, names, n_in)
+    y = matmul_2d(x.astype(dtype), kernel.astype(dtype), n_in)
+    if self.lora is not None:  # + (alpha / r) * dropout(x) A B
+      a, b = lora_lib.adapter(self, self.lora.rank, shape, names, n_in, cfg.weight_dtype)
+      x = lora_lib.dropout(self, x, self.lora.dropout, self.training)
+      h = matmul_2d(x.astype(dtype), a.astype(dtype), n_in)
+      y = y + self.lora.scale * matmul_2d(h, b.astype(dtype))
     return y
+
+
+def block_projection(cfg: ModelConfig, name: str, kernel_shape: tuple[int, ...],
+                     names: tuple[str, ...], *, n_in: int = 1, training: bool = False
+                     ) -> Projection:
+  """The `Projection` called `name` inside a decoder block, with the adapter and the stored
+  base that `cfg` gives it (model.lora_*, model.base_quantization)."""
+  return Projection(cfg, kernel_shape, names, n_in=n_in, training=training, name=name,
+                    lora=lora_lib.spec(cfg, name), quant=quant_lib.spec(cfg))
 
 
 class Attention(nn.Module):
@@ -87,8 +111,8 @@ class Attention(nn.Module):
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT):
     cfg = self.cfg
-    proj = lambda heads, names, name: Projection(
-        cfg, (cfg.hidden_size, heads, cfg.head_dim), names, training=self.training, name=name)
+    proj = lambda heads, names, name: block_projection(
+        cfg, name, (cfg.hidden_size, heads, cfg.head_dim), names, training=self.training)
     q_BTHD = proj(cfg.num_attention_heads, ("embed", "heads", "head_dim"), "q_proj")(x_BTE)
     k_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "k_proj")(x_BTE)
     v_BTKD = proj(cfg.num_key_value_heads, ("embed", "kv_heads", "head_dim"), "v_proj")(x_BTE)
@@ -101,9 +125,9 @@ class Attention(nn.Module):
     out_BTHD = mode.run(cfg, schemes.get_scheme(cfg.position_embedding_type), q_BTHD, k_BTKD,
                         v_BTKD, positions_BT, segment_ids_BT, self.training)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
-    return Projection(cfg, (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
-                      ("heads", "head_dim", "embed"), n_in=2, training=self.training,
-                      name="o_proj")(out_BTHD)
+    return block_projection(cfg, "o_proj", (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
+                            ("heads", "head_dim", "embed"), n_in=2,
+                            training=self.training)(out_BTHD)
 
 
 class Block(nn.Module):

@@ -1,5 +1,8 @@
 """LongQLoRA's frozen base (Yang 2023; QLoRA, Dettmers et al. 2023): the block projections'
 kernels stored quantized, dequantized on the fly to the compute dtype, LoRA on top (lora.py).
+This module holds one kernel's formats and its parameters inside a `Projection` (layers.py);
+whole parameter trees are quantized / dequantized in params.py. It imports nothing of
+ctxjax.model.
 
 Formats (`FORMATS`, chosen by model.base_quantization):
   int8  q = round(127 * w / absmax) in [-127, 127], w ~ q * absmax / 127 (LLM.int8's absmax
@@ -32,10 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctxjax.model.lora import (BLOCK_PROJECTIONS, abstract_params, flatten, stacked_dims,
-                               unflatten)
+from ctxjax.registry import Registry, unknown_choice
 
-ABSMAX = "kernel_absmax"
+ABSMAX = "kernel_absmax"  # the parameter beside a quantized projection's codes (the only spelling)
 
 
 def _linspace_f32(start: float, end: float, n: int) -> np.ndarray:
@@ -130,19 +132,35 @@ class Format:
   codes_shape: Callable = lambda shape, n_in: tuple(shape)
 
 
-FORMATS: dict[str, Format] = {
-    "int8": Format("int8", "kernel_int8", np.dtype(np.int8), 8, int8_quantize, int8_dequantize),
-    "nf4": Format("nf4", "kernel_nf4", np.dtype(np.uint8), 4, nf4_quantize, nf4_dequantize,
-                  _nf4_shape),
-}
+FORMATS: Registry[Format] = Registry("model.base_quantization")
+FORMATS.add("int8", Format("int8", "kernel_int8", np.dtype(np.int8), 8, int8_quantize,
+                           int8_dequantize))
+FORMATS.add("nf4", Format("nf4", "kernel_nf4", np.dtype(np.uint8), 4, nf4_quantize,
+                          nf4_dequantize, _nf4_shape))
 CHOICES = ("none", *FORMATS)
+# Names of the frozen quantized leaves (never trained, ctxjax/train/trainable.py).
+FROZEN_PARAMS = (*(f.codes_name for f in FORMATS.values()), ABSMAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one projection's frozen kernel is stored: a format and its absmax block size."""
+  format: Format
+  block_size: int
+
+
+def spec(cfg) -> QuantSpec | None:
+  """The storage of a block projection's kernel under a model config (None: float)."""
+  if cfg.base_quantization == "none":
+    return None
+  return QuantSpec(FORMATS.get(cfg.base_quantization), cfg.quant_block_size)
 
 
 def validate(merged: dict) -> None:
   """Check base_quantization / quant_block_size of a model-config dict."""
   kind, block = merged["base_quantization"], merged["quant_block_size"]
   if kind not in CHOICES:
-    raise ValueError(f"model.base_quantization={kind!r}; valid choices: {list(CHOICES)}")
+    raise ValueError(unknown_choice("model.base_quantization", kind, CHOICES))
   if isinstance(block, bool) or not isinstance(block, int) or block <= 0:
     raise ValueError(f"model.quant_block_size must be a positive integer, got {block!r}")
   if kind == "none":
@@ -159,7 +177,7 @@ def validate(merged: dict) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(kind: str, op: str, n_in: int, block: int, lead: int):
+def jitted(kind: str, op: str, n_in: int, block: int, lead: int):
   """FORMATS[kind].quantize/dequantize for one kernel, vmapped over `lead` stacked axes and
   compiled once per signature (one kernel at a time keeps a large model's peak memory low)."""
   fn = functools.partial(getattr(FORMATS[kind], op), n_in=n_in, block=block)
@@ -168,76 +186,20 @@ def _jitted(kind: str, op: str, n_in: int, block: int, lead: int):
   return jax.jit(fn)
 
 
-# --- inside the model --------------------------------------------------------------------------
+# --- inside a Projection ---------------------------------------------------------------------
 
-def kernel(module, init) -> jax.Array:
-  """A `Projection`'s kernel: its float parameter, or — for a block projection under
-  model.base_quantization — the stored codes dequantized to float32, without gradient."""
-  cfg = module.cfg
-  fmt = FORMATS.get(cfg.base_quantization)
-  shape, names, n_in = module.kernel_shape, module.names, module.n_in
-  if fmt is None or module.name not in BLOCK_PROJECTIONS:
-    return module.param("kernel", nn.with_logical_partitioning(init, names), shape,
-                        cfg.weight_dtype)
-  block = cfg.quant_block_size
+def frozen_kernel(module: nn.Module, spec: QuantSpec, init, kernel_shape: tuple, names: tuple,
+                  n_in: int) -> jax.Array:
+  """A projection's kernel stored as `spec` says (codes + absmax parameters of `module`),
+  dequantized to float32, without gradient. On init a fresh random kernel is quantized."""
+  fmt, block = spec.format, spec.block_size
   quantized = (None, None)
   if module.is_initializing():  # a fresh random kernel, quantized
-    quantized = fmt.quantize(init(module.make_rng("params"), shape, jnp.float32), n_in, block)
+    quantized = fmt.quantize(init(module.make_rng("params"), kernel_shape, jnp.float32), n_in,
+                             block)
   codes = module.param(fmt.codes_name, nn.with_logical_partitioning(
       lambda _: quantized[0], names))
   absmax = module.param(ABSMAX, nn.with_logical_partitioning(
       lambda _: quantized[1], (None, *names[n_in:])))
   codes, absmax = jax.lax.stop_gradient(codes), jax.lax.stop_gradient(absmax)
   return fmt.dequantize(codes, absmax, n_in, block)
-
-
-# --- whole parameter trees ---------------------------------------------------------------------
-
-def quantize_params(params, cfg):
-  """Float parameters (as a plain model has them) -> cfg's quantized layout: each block
-  projection's `kernel` becomes codes + `kernel_absmax`; everything else passes through, as do
-  trees that are already quantized. Identity when cfg.base_quantization is "none"."""
-  fmt = FORMATS.get(cfg.base_quantization)
-  if fmt is None:
-    return params
-  out, abstract = {}, abstract_params(cfg)
-  for path, leaf in flatten(params).items():
-    module, name = path.rsplit("/", 1)
-    if name != "kernel" or module.rsplit("/", 1)[-1] not in BLOCK_PROJECTIONS:
-      out[path] = leaf
-      continue
-    lead = stacked_dims(cfg, path)
-    absmax = abstract.get(f"{module}/{ABSMAX}")
-    if absmax is None:
-      raise ValueError(f"{path} is not a quantized projection of this model")
-    n_in = leaf.ndim - absmax.ndim + 1  # absmax is [lead..., blocks, out...]
-    fn = _jitted(fmt.name, "quantize", n_in, cfg.quant_block_size, lead)
-    out[f"{module}/{fmt.codes_name}"], out[f"{module}/{ABSMAX}"] = fn(jnp.asarray(leaf))
-  return unflatten(out)
-
-
-def dequantize_params(params, cfg):
-  """Inverse layout of quantize_params: codes + absmax -> a float32 `kernel`."""
-  fmt = FORMATS.get(cfg.base_quantization)
-  if fmt is None:
-    return params
-  out, flat = {}, flatten(params)
-  for path, leaf in flat.items():
-    module, name = path.rsplit("/", 1)
-    if name == ABSMAX:
-      continue
-    if name == fmt.codes_name:
-      absmax = flat[f"{module}/{ABSMAX}"]
-      lead = stacked_dims(cfg, path)
-      n_in = leaf.ndim - absmax.ndim + 1  # absmax is [lead..., blocks, out...]
-      fn = _jitted(fmt.name, "dequantize", n_in, cfg.quant_block_size, lead)
-      out[f"{module}/kernel"] = fn(leaf, absmax)
-    else:
-      out[path] = leaf
-  return unflatten(out)
-
-
-def weight_bytes(params, pattern: Callable[[str], bool] = lambda path: True) -> int:
-  """Bytes of the leaves whose '/'-path satisfies `pattern`."""
-  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-             for p, x in flatten(nn.meta.unbox(params)).items() if pattern(p))

@@ -1,7 +1,8 @@
 """Rotary position embeddings (RoPE) and the HF-compatible RoPE scaling family.
 
 Parity target: HF transformers 5.23 (`modeling_rope_utils.ROPE_INIT_FUNCTIONS` and the
-Llama rotary class for "default"), see TECHNIQUES.md sections 1-3 and 20.
+Llama rotary class for "default"); each type cites its paper. The translation to and from a HF
+config.json is rope_hf.py's.
 
 Frequency tables follow HF's float32 arithmetic step by step (pow, then `1.0 / x`, each
 rounded to float32; products and sums in HF's order), so they equal HF's tables bit for bit
@@ -27,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax.registry import Registry
+
 # (params, head_dim, rope_theta, max_position_embeddings, seq_len) -> (inv_freq [d/2], af [])
 RopeFn = Callable[..., tuple[jax.Array, jax.Array]]
 
@@ -45,7 +48,7 @@ class RopeInit:
   uses_seq_len: bool = False
 
 
-ROPE_TYPES: dict[str, RopeInit] = {}
+ROPE_TYPES: Registry[RopeInit] = Registry("model.rope_scaling.rope_type")
 
 
 def register_rope_type(
@@ -59,10 +62,8 @@ def register_rope_type(
   """Decorator adding a compute function to ROPE_TYPES under `name`."""
 
   def deco(fn: RopeFn) -> RopeFn:
-    if name in ROPE_TYPES:
-      raise ValueError(f"rope_type {name!r} is already registered")
-    ROPE_TYPES[name] = RopeInit(name, fn, tuple(required), dict(defaults or {}), check,
-                                uses_seq_len)
+    ROPE_TYPES.add(name, RopeInit(name, fn, tuple(required), dict(defaults or {}), check,
+                                  uses_seq_len))
     return fn
 
   return deco
@@ -335,10 +336,7 @@ def validate_rope_scaling(rope_scaling: dict | None, *, head_dim: int, rope_thet
     raise ValueError(f"rope_scaling has conflicting 'type' ({legacy!r}) and "
                      f"'rope_type' ({p['rope_type']!r})")
   rope_type = p.pop("rope_type", legacy) or "default"
-  if rope_type not in ROPE_TYPES:
-    raise ValueError(
-      f"unknown rope_scaling['rope_type'] {rope_type!r}; valid: {sorted(ROPE_TYPES)}")
-  spec = ROPE_TYPES[rope_type]
+  spec = ROPE_TYPES.get(rope_type)
 
   theta_in = p.pop("rope_theta", None)
   if theta_in is not None and theta_in != rope_theta:

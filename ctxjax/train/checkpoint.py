@@ -13,10 +13,11 @@ import signal
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ctxjax.model.quant import ABSMAX  # the marker of a quantized projection
+from ctxjax.model.params import flatten
 
 # Keys whose change makes a checkpoint's parameters mean something else (or not fit).
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -112,82 +113,43 @@ def abstract_like(state, shardings=None):
                       state, shardings)
 
 
-def _flat(tree, prefix=()) -> dict[tuple, Any]:
-  if isinstance(tree, dict):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, prefix + (k,)))
-    return out
-  return {prefix: tree}
+def _host_restore_args(tree):
+  """orbax restore args that read every leaf of `tree` into a host numpy array."""
+  return jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
 
 
-def _unflat(flat: dict[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, leaf in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = leaf
-  return out
-
-
-def restore_params(workdir: str, abstract_params, *, model_config: dict, step: int | None = None,
-                   quantize_on_load=None) -> tuple[dict, list[str], int]:
-  """Parameters only, from another ctxjax training run's newest (or `step`) checkpoint — the
-  `config.train.init_from` of continual pretraining: the optimizer, step, RNG and data state
-  start fresh. Each restored array lands directly in its sharding from `abstract_params`.
-
-  Returns (restored params, the '/'-paths of `abstract_params` the checkpoint lacks — e.g. new
-  LoRA adapters, left to the caller's initialisation — and the step read). A differing
-  architecture, or a checkpoint tensor whose shape differs, is an error naming it.
-  quantize_on_load('/'-path, float kernel) -> {'/'-path: array}: for a float checkpoint under a
-  model with a quantized base (LongQLoRA), each float kernel is restored alone (replicated),
-  turned into the model's codes + absmax and placed in their shardings."""
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+def read_params(directory: str, step: int | None = None, *, step_flag: str = "step"
+                ) -> tuple[dict[str, np.ndarray], dict, int]:
+  """(state.params as {'/'-path: host numpy array}, meta, step) of the checkpoint of `step`
+  (default: the newest) under `directory` (a run's WORKDIR/checkpoints). Parameters only: the
+  optimizer state, step, RNG and data state are not read. ctxjax.model.param_loader checks
+  and places them (the one way parameters enter a model). `step_flag` names the setting that
+  chose `step` in the error for a step the directory lacks."""
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise ValueError(f"config.train.init_from={workdir!r}: no checkpoint under {directory}")
-  meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-  # New LoRA adapters on a plain checkpoint are LongLoRA's start: they keep their init; a float
-  # checkpoint under a quantized base is LongQLoRA's (its kernels are quantized on load).
-  diffs = config_differences(meta.get("model_config", {}), model_config,
-                             ignore=("lora_rank", "lora_targets", "base_quantization",
-                                     "quant_block_size"))
-  if diffs:
-    raise ValueError(f"config.train.init_from={workdir!r} (step {step}) holds a different "
-                     f"model; differing model config keys: {'; '.join(diffs)}")
-  saved = _flat(manager.item_metadata(step)["state"].tree["params"])
-  wanted = _flat(abstract_params)
-  # Float kernels of projections this model stores quantized: restored one at a time by
-  # `quantize_on_load` (codes + absmax) after the rest.
-  to_quantize = {p: have for p, have in saved.items()
-                 if quantize_on_load is not None and p not in wanted and p[-1] == "kernel" and
-                 p[:-1] + (ABSMAX,) in wanted}
-  saved = {p: have for p, have in saved.items() if p not in to_quantize}
-  for path, have in saved.items():
-    if path in wanted and tuple(have.shape) != tuple(wanted[path].shape):
-      raise ValueError(f"config.train.init_from: parameter {'/'.join(path)} has shape "
-                       f"{tuple(have.shape)} in the checkpoint, {tuple(wanted[path].shape)} here")
-  unused = sorted("/".join(p) for p in saved if p not in wanted)
-  if unused:
-    raise ValueError(f"config.train.init_from={workdir!r}: checkpoint parameters this model "
-                     f"has no place for: {unused[:8]}")
-  present = _unflat({p: a for p, a in wanted.items() if p in saved})
-  restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), present)
-  restore = lambda tree, args: manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={"params": tree}, restore_args={"params": args},
-                                   partial_restore=True)))["state"]["params"]
-  restored = _flat(restore(present, restore_args))
-  for path, have in sorted(to_quantize.items()):
-    mesh = wanted[path[:-1] + (ABSMAX,)].sharding.mesh
-    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    leaf = _unflat({path: jax.ShapeDtypeStruct(have.shape, have.dtype, sharding=whole)})
-    kernel = _flat(restore(leaf, _unflat({path: ocp.ArrayRestoreArgs(sharding=whole)})))[path]
-    for sub, value in quantize_on_load("/".join(path), kernel).items():
-      sub = tuple(sub.split("/"))
-      restored[sub] = jax.device_put(value, wanted[sub].sharding)
-  manager.close()
-  missing = sorted("/".join(p) for p in wanted if p not in restored)
-  return _unflat(restored), missing, step
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f"no checkpoint under {directory}")
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise ValueError(f"{step_flag}={step}: {directory} has steps {sorted(steps)}")
+    meta = dict(manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"])
+    tree = manager.item_metadata(step)["state"].tree["params"]
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item={"params": tree}, restore_args={"params": _host_restore_args(tree)},
+        partial_restore=True)))["state"]["params"]
+  finally:
+    manager.close()
+  return flatten(restored), meta, step
+
+
+def read_tree(directory: str) -> dict[str, np.ndarray]:
+  """A StandardCheckpointer directory (e.g. import_hf's params) as {'/'-path: host array}."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(directory)
+  tree = getattr(metadata, "item_metadata", metadata)
+  tree = getattr(tree, "tree", tree)
+  return flatten(checkpointer.restore(directory, args=ocp.args.PyTreeRestore(
+      item=tree, restore_args=_host_restore_args(tree))))

@@ -15,34 +15,34 @@ from __future__ import annotations
 import json
 import os
 
-import jax
-import numpy as np
 from absl import logging
 
+from ctxjax.model import param_loader
+from ctxjax.model import params as params_lib
 from ctxjax.train import checkpoint as checkpoint_lib
 
-
-def _flat(tree, prefix=()):
-  return checkpoint_lib._flat(tree, prefix)  # noqa: SLF001 (one flattening rule for both)
-
-
-def _overlay(params, loaded_flat: dict[tuple, jax.Array]):
-  """`params` with the leaves at `loaded_flat`'s paths replaced."""
-  flat = _flat(params)
-  flat.update(loaded_flat)
-  return checkpoint_lib._unflat(flat)  # noqa: SLF001
+# New LoRA adapters on a plain checkpoint are LongLoRA's start: they keep their init; a float
+# checkpoint under a quantized base is LongQLoRA's (its kernels are quantized on load).
+_ADAPTER_KEYS = ("lora_rank", "lora_targets", "base_quantization", "quant_block_size")
 
 
-def _quantizer(model_cfg):
-  """None for a float base; else ('/'-path, float kernel) -> {'/'-path: codes / absmax}."""
-  from ctxjax.model import lora, quant  # noqa: PLC0415
-  if model_cfg.base_quantization == "none":
-    return None
-  return lambda path, kernel: lora.flatten(
-      quant.quantize_params(lora.unflatten({path: kernel}), model_cfg))
+def _from_run(workdir: str, shardings: dict, model_cfg) -> tuple[dict, str]:
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  try:
+    saved, meta, step = checkpoint_lib.read_params(directory)
+  except ValueError as e:
+    raise ValueError(f"config.train.init_from={workdir!r}: {e}") from None
+  diffs = checkpoint_lib.config_differences(meta.get("model_config", {}), model_cfg.to_dict(),
+                                            ignore=_ADAPTER_KEYS)
+  if diffs:
+    raise ValueError(f"config.train.init_from={workdir!r} (step {step}) holds a different "
+                     f"model; differing model config keys: {'; '.join(diffs)}")
+  source = f"config.train.init_from={workdir!r} (step {step})"
+  return param_loader.load_params(saved.items(), model_cfg, source=source,
+                                  shardings=shardings), f"{workdir} (step {step})"
 
 
-def _from_hf(hf_dir: str, shardings, model_cfg):
+def _from_hf(hf_dir: str, shardings: dict, model_cfg) -> tuple[dict, str]:
   from ctxjax import hf  # noqa: PLC0415 (safetensors only when used)
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
@@ -54,29 +54,11 @@ def _from_hf(hf_dir: str, shardings, model_cfg):
   if diffs:
     raise ValueError(f"config.train.init_from_hf={hf_dir!r} holds a different model; differing "
                      f"model config keys (HF -> config.model): {'; '.join(diffs)}")
-  by_path = {"/".join(p): s for p, s in _flat(shardings).items()}
-  quantize = _quantizer(model_cfg)
-  loaded = {}
-
-  def put(name, array):
-    if name not in by_path:
-      raise ValueError(f"config.train.init_from_hf: tensor for {name} has no place in the model")
-    array = np.asarray(array)
-    loaded[tuple(name.split("/"))] = jax.make_array_from_callback(
-        array.shape, by_path[name], lambda index: array[index])
-
-  def place(name, array):
-    module = name.rsplit("/", 1)[0]
-    if quantize is not None and name not in by_path and f"{module}/kernel_absmax" in by_path:
-      for sub, value in quantize(name, array).items():
-        put(sub, value)
-    else:
-      put(name, array)
-    return None  # kept in `loaded`; hf.load's own tree is not used
-
-  hf.load(hf_dir, param_dtype=model_cfg.param_dtype, scan_layers=model_cfg.scan_layers,
-          place=place)
-  return loaded
+  with hf.tensors(hf_dir, param_dtype=model_cfg.param_dtype,
+                  scan_layers=model_cfg.scan_layers) as (_, pairs):
+    loaded = param_loader.load_params(pairs, model_cfg, shardings=shardings,
+                                      source=f"config.train.init_from_hf={hf_dir!r}")
+  return loaded, hf_dir
 
 
 def initial_params(train_cfg, params, param_shardings, model_cfg):
@@ -87,15 +69,11 @@ def initial_params(train_cfg, params, param_shardings, model_cfg):
                      "choose one")
   if not (workdir or hf_dir):
     return params
+  shardings = params_lib.flatten(param_shardings)
   if workdir:
-    abstract = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
-                            params, param_shardings)
-    restored, missing, step = checkpoint_lib.restore_params(
-        workdir, abstract, model_config=model_cfg.to_dict(),
-        quantize_on_load=_quantizer(model_cfg))
-    loaded, source = _flat(restored), f"{workdir} (step {step})"
+    loaded, source = _from_run(workdir, shardings, model_cfg)
   else:
-    loaded, source = _from_hf(hf_dir, param_shardings, model_cfg), hf_dir
-    missing = sorted("/".join(p) for p in _flat(params) if p not in loaded)
-  logging.info("initial parameters from %s; kept initialised: %s", source, missing or "none")
-  return _overlay(params, loaded)
+    loaded, source = _from_hf(hf_dir, shardings, model_cfg)
+  logging.info("initial parameters from %s; kept initialised: %s", source,
+               param_loader.missing(loaded, model_cfg) or "none")
+  return params_lib.unflatten({**params_lib.flatten(params), **loaded})

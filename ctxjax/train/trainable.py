@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-QUANTIZED_BASE = ("kernel_int8", "kernel_nf4", "kernel_absmax")
+from ctxjax.model.quant import FROZEN_PARAMS as QUANTIZED_BASE
 
 
 def _path(key_path) -> str:
