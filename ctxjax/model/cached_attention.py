@@ -28,7 +28,7 @@ from ctxjax.registry import Registry
 _DECODE_IMPL = "reference"
 
 # attention_mode -> (stores rotated keys?, decode-step attention)
-CACHED_MODES: Registry = Registry("model.attention_mode (with a key/value cache)")
+CACHED_MODES: Registry = Registry("model.attention_mode")
 
 
 def _rotate(cfg, scheme, q, k, q_positions, k_positions):
@@ -62,7 +62,10 @@ CACHED_MODES.add("lm_infinite", (False, _lm_infinite_step))
 
 def check_cacheable(cfg) -> None:
   """One line naming the mode when this model cannot decode with a cache."""
-  CACHED_MODES.get(cfg.attention_mode)
+  if cfg.attention_mode not in CACHED_MODES:
+    raise ValueError(f"model.attention_mode={cfg.attention_mode!r} has no key/value-cache "
+                     f"decoding (LongNet's dilated segments are a training/prefill kernel); "
+                     f"generation supports attention_mode in {CACHED_MODES.names()}")
 
 
 def cached_attention(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
