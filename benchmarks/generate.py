@@ -16,6 +16,7 @@ bounded cache's constant memory. Writes benchmarks/results/generate.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -35,7 +36,7 @@ from configs import tiny  # noqa: E402
 from ctxjax import hf  # noqa: E402
 from ctxjax.eval import generate  # noqa: E402
 from ctxjax.model import kv_cache  # noqa: E402
-from ctxjax.model.config import model_config_from_dict  # noqa: E402
+from ctxjax.attention.patterns import make_pattern  # noqa: E402
 from ctxjax.model.transformer import Transformer  # noqa: E402
 
 SINKS = dict(kind="attention_sinks", sink_size=4, window=1020)
@@ -86,9 +87,7 @@ def main():
   tmp = tempfile.mkdtemp()
   torch_model = _hf_tiny(tmp, max(lengths) + new)
   model, variables = hf.load(tmp)
-  sinks = Transformer(model_config_from_dict({**tiny.get_model_config().to_dict(),
-                                              "attention_pattern": SINKS,
-                                              "max_position_embeddings": max(lengths) + new}))
+  sinks = Transformer(dataclasses.replace(model.cfg, attention_pattern=make_pattern(**SINKS)))
   rows = []
   for length in lengths:
     prompt = np.random.default_rng(length).integers(0, model.cfg.vocab_size, (1, length))
