@@ -41,14 +41,16 @@ class _LambdaGlobal(Pattern):
 
 def lm_infinite_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, n_global: int,
                           n_local: int, rotate=None, rotate_qk=None, impl: str = "reference",
-                          scale=None):
-  """LM-Infinite self-attention on UNROTATED q [B,T,H,D], k, v [B,T,K,D] -> [B,T,H,D].
+                          scale=None, k_positions=None, k_segment_ids=None):
+  """LM-Infinite attention on UNROTATED q [B,T,H,D], k, v [B,S,K,D] -> [B,T,H,D].
 
   Give exactly one of
     rotate(x_BTHD, positions_BT) -> rotated x   (e.g. RoPE with fixed frequencies), or
     rotate_qk(q, k, q_positions, k_positions) -> (q, k)   (the model's scheme:
       `functools.partial(schemes.get_scheme(cfg.position_embedding_type).rotate_qk, cfg)`).
-  positions, segment_ids: int [B, T]. impl: "reference" | "blockwise".
+  positions, segment_ids: int [B, T], the queries' (and, by default, the keys': self-attention);
+  k_positions, k_segment_ids: int [B, S] when the keys are others (a decoding cache).
+  impl: "reference" | "blockwise".
   """
   if n_local <= 0 or n_global < 0:
     raise ValueError(f"lm_infinite_attention needs n_local > 0 and n_global >= 0, got "
@@ -57,22 +59,24 @@ def lm_infinite_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, n_g
     raise ValueError("lm_infinite_attention: pass exactly one of rotate= or rotate_qk=")
   if rotate_qk is None:
     rotate_qk = lambda q, k, qp, kp: (rotate(q, qp), rotate(k, kp))
-  length = q_BTHD.shape[1]
-  if k_BTKD.shape[1] != length:
-    raise ValueError(f"lm_infinite_attention is self-attention: q length {length}, k length "
-                     f"{k_BTKD.shape[1]}")
+  k_positions = positions if k_positions is None else k_positions
+  k_segment_ids = segment_ids if k_segment_ids is None else k_segment_ids
+  length, k_length = q_BTHD.shape[1], k_BTKD.shape[1]
+  if k_positions.shape[1] != k_length:
+    raise ValueError(f"lm_infinite_attention: {k_length} keys but k_positions of shape "
+                     f"{k_positions.shape}")
   ceiling = jnp.full_like(positions, n_local)
   q_rot, k_rot = rotate_qk(jnp.concatenate([q_BTHD, q_BTHD], axis=1),
                            jnp.concatenate([k_BTKD, k_BTKD], axis=1),
                            jnp.concatenate([positions, ceiling], axis=1),
-                           jnp.concatenate([positions, jnp.zeros_like(positions)], axis=1))
-  kw = dict(q_positions=positions, k_positions=positions, q_segment_ids=segment_ids,
-            k_segment_ids=segment_ids, impl=impl, scale=scale)
-  local = attend_with_lse(q_rot[:, :length], k_rot[:, :length], v_BTKD,
+                           jnp.concatenate([k_positions, jnp.zeros_like(k_positions)], axis=1))
+  kw = dict(q_positions=positions, k_positions=k_positions, q_segment_ids=segment_ids,
+            k_segment_ids=k_segment_ids, impl=impl, scale=scale)
+  local = attend_with_lse(q_rot[:, :length], k_rot[:, :k_length], v_BTKD,
                           pattern=SlidingWindow(window=n_local), **kw)
   if n_global == 0:
     return local[0].astype(q_BTHD.dtype)
-  glob = attend_with_lse(q_rot[:, length:], k_rot[:, length:], v_BTKD,
+  glob = attend_with_lse(q_rot[:, length:], k_rot[:, k_length:], v_BTKD,
                          pattern=_LambdaGlobal(n_global, n_local), **kw)
   out, _ = merge_partials([local, glob])
   return out.astype(q_BTHD.dtype)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctxjax.model import attention_modes
+from ctxjax.model import attention_modes, cached_attention
 from ctxjax.model import lora as lora_lib
 from ctxjax.model import quant as quant_lib
 from ctxjax.model.config import ModelConfig
@@ -104,12 +104,13 @@ def block_projection(cfg: ModelConfig, name: str, kernel_shape: tuple[int, ...],
 
 class Attention(nn.Module):
   """Grouped-query self-attention; positions and segment ids are inputs, the scheme, mode and
-  kernel come from the config's registries."""
+  kernel come from the config's registries. With a layer cache `kv` = (k, v) and the call's
+  `plan` (kv_cache.py) it also returns the updated (k, v)."""
   cfg: ModelConfig
   training: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None):
     cfg = self.cfg
     proj = lambda heads, names, name: block_projection(
         cfg, name, (cfg.hidden_size, heads, cfg.head_dim), names, training=self.training)
@@ -121,25 +122,39 @@ class Attention(nn.Module):
     k_BTKD = nn.with_logical_constraint(k_BTKD, ("batch", "length", "kv_heads", "head_dim"))
     v_BTKD = nn.with_logical_constraint(v_BTKD, ("batch", "length", "kv_heads", "head_dim"))
     # The mode rotates q/k with the positional scheme and runs the kernel (attention_modes.py).
-    mode = attention_modes.MODES[cfg.attention_mode]
-    out_BTHD = mode.run(cfg, schemes.get_scheme(cfg.position_embedding_type), q_BTHD, k_BTKD,
-                        v_BTKD, positions_BT, segment_ids_BT, self.training)
+    scheme = schemes.get_scheme(cfg.position_embedding_type)
+    if kv is None:
+      mode = attention_modes.MODES[cfg.attention_mode]
+      out_BTHD = mode.run(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
+                          self.training)
+    else:
+      out_BTHD, *kv = cached_attention.cached_attention(
+          cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, *kv, plan)
+      kv = tuple(nn.with_logical_constraint(x, ("batch", "length", "kv_heads", "head_dim"))
+                 for x in kv)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
-    return block_projection(cfg, "o_proj", (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
-                            ("heads", "head_dim", "embed"), n_in=2,
-                            training=self.training)(out_BTHD)
+    out_BTE = block_projection(cfg, "o_proj",
+                               (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
+                               ("heads", "head_dim", "embed"), n_in=2,
+                               training=self.training)(out_BTHD)
+    return out_BTE if kv is None else (out_BTE, kv)
 
 
 class Block(nn.Module):
-  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). With a layer cache
+  (kv, plan) it returns (x, updated kv)."""
   cfg: ModelConfig
   training: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None):
     x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
     h = RMSNorm(self.cfg, name="input_layernorm")(x_BTE)
-    x_BTE = x_BTE + Attention(self.cfg, self.training, name="self_attn")(h, positions_BT, segment_ids_BT)
+    attn = Attention(self.cfg, self.training, name="self_attn")(
+        h, positions_BT, segment_ids_BT, kv, plan)
+    attn, kv = (attn, None) if kv is None else attn
+    x_BTE = x_BTE + attn
     h = RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTE)
     x_BTE = x_BTE + Mlp(self.cfg, self.training, name="mlp")(h)
-    return nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
+    x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
+    return x_BTE if kv is None else (x_BTE, kv)

@@ -1,7 +1,8 @@
 """The LLaMA-family decoder: embed -> N blocks -> final norm -> LM head.
 
 `Transformer(cfg).apply(variables, tokens, positions, segment_ids)` returns float32-castable
-logits [batch, length, vocab] in the compute dtype. Positions and segment ids are data: packing,
+logits [batch, length, vocab] in the compute dtype; with `cache=` (a kv_cache.KVCache) it
+returns (logits, updated cache): a prefill from an empty cache, or one decode step. Positions and segment ids are data: packing,
 PoSE, randomized positions, ring shards and kv-cache decoding all just pass them. When omitted
 (`model.apply(variables, tokens)`, the Hugging Face-style call), one contiguous document per row
 is assumed — decided here, at the boundary, never inside a layer.
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax.model import kv_cache
 from ctxjax.model.config import ModelConfig
 from ctxjax.model.layers import Block, Projection, RMSNorm, matmul_2d
 from ctxjax.positions import absolute, schemes
@@ -31,8 +33,10 @@ class _ScanBlock(nn.Module):
   training: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT, segment_ids_BT):
-    return Block(self.cfg, self.training, name="layer")(x_BTE, positions_BT, segment_ids_BT), None
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None):
+    out = Block(self.cfg, self.training, name="layer")(x_BTE, positions_BT, segment_ids_BT, kv,
+                                                         plan)
+    return (out, None) if kv is None else out
 
 
 def _concrete(x):
@@ -70,8 +74,10 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False):
-    """train=True selects training-only behaviour (LongLoRA's S2-Attn)."""
+  def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False,
+               cache: kv_cache.KVCache | None = None):
+    """train=True selects training-only behaviour (LongLoRA's S2-Attn). With `cache`, returns
+    (logits, cache): several tokens prefill an empty cache, one token per row decodes."""
     cfg = self.cfg
     batch, length = tokens_BT.shape
     if positions_BT is None:
@@ -97,6 +103,9 @@ class Transformer(nn.Module):
       x_BTE = x_BTE + jnp.take(table, positions_BT, axis=0, mode="fill",
                                fill_value=jnp.nan).astype(cfg.compute_dtype)
 
+    if cache is not None:
+      x_BTE, cache = self._cached_layers(x_BTE, positions_BT, segment_ids_BT, cache)
+      return self._head(embed, x_BTE), cache
     block = _ScanBlock if cfg.scan_layers else Block
     if cfg.remat_policy != "none":
       block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
@@ -109,6 +118,28 @@ class Transformer(nn.Module):
       for i in range(cfg.num_hidden_layers):
         x_BTE = block(cfg, train, name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
 
+    return self._head(embed, x_BTE)
+
+  def _cached_layers(self, x_BTE, positions_BT, segment_ids_BT, cache):
+    """The layers with a key/value cache: every layer writes the same slots (one plan)."""
+    cfg, plan = self.cfg, kv_cache.plan(cache, positions_BT, segment_ids_BT)
+    if cfg.scan_layers:
+      stack = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=cfg.num_hidden_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BTE, (k, v) = stack(cfg, False, name="layers")(x_BTE, positions_BT, segment_ids_BT,
+                                                       (cache.k, cache.v), plan)
+    else:
+      k, v = list(cache.k), list(cache.v)
+      for i in range(cfg.num_hidden_layers):
+        x_BTE, (k[i], v[i]) = Block(cfg, False, name=f"layers_{i}")(
+            x_BTE, positions_BT, segment_ids_BT, (k[i], v[i]), plan)
+      k, v = tuple(k), tuple(v)
+    return x_BTE, kv_cache.updated(cache, plan, k, v)
+
+  def _head(self, embed, x_BTE):
+    cfg = self.cfg
     x_BTE = RMSNorm(cfg, name="norm")(x_BTE)
     if cfg.tie_word_embeddings:
       table_VE = embed.embedding.astype(cfg.compute_dtype)

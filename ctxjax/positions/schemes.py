@@ -15,7 +15,10 @@ import numpy as np
 from ctxjax.positions import alibi, rope, xpos
 from ctxjax.registry import Registry
 
-RotateFn = Callable  # (cfg, q_BTHD, k_BSKD, q_positions_BT, k_positions_BS) -> (q, k)
+# (cfg, q_BTHD, k_BSKD, q_positions_BT, k_positions_BS, center=None) -> (q, k). `center` is
+# xPos's decay centre: it cancels in every logit, but keys kept in a decoding cache and the
+# queries that later read them must share one (RoPE has none and ignores it).
+RotateFn = Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,8 @@ def get_scheme(name: str) -> Scheme:
   return SCHEMES.get(name)
 
 
-def _rotate_rope(cfg, q, k, q_positions, k_positions):
+def _rotate_rope(cfg, q, k, q_positions, k_positions, center=None):
+  del center
   # seq_len = max(position)+1 drives dynamic NTK and LongRoPE's short/long switch (as HF).
   inv_freq, attention_factor = rope.rope_inv_freq(
       cfg.rope_scaling, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
@@ -52,11 +56,11 @@ def _rotate_rope(cfg, q, k, q_positions, k_positions):
           rope.apply_rope(k, k_positions, inv_freq, attention_factor))
 
 
-def _rotate_xpos(cfg, q, k, q_positions, k_positions):
+def _rotate_xpos(cfg, q, k, q_positions, k_positions, center=None):
   inv_freq, _ = rope.rope_inv_freq(None, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
                                    max_position_embeddings=cfg.max_position_embeddings)
   return xpos.apply_xpos(q, k, q_positions, k_positions, inv_freq=inv_freq,
-                         scale_base=cfg.xpos_scale_base, gamma=cfg.xpos_gamma)
+                         scale_base=cfg.xpos_scale_base, gamma=cfg.xpos_gamma, center=center)
 
 
 register_scheme(Scheme("rope", uses_rope=True, rotary=True, rotate_qk=_rotate_rope))
