@@ -1,6 +1,6 @@
 # Fu et al. 2024's 13B run: LLaMA-2 13B continually pretrained at 64K tokens, otherwise the
 # recipe of configs/llama2_7b_80k.py (per-source upsampled mixture, constant LR 2e-5, ~4M tokens
-# per batch, 5B tokens; TECHNIQUES.md §15).
+# per batch, 5B tokens; Fu et al. 2024, experimental setup).
 #
 # COMMAND:   python -m ctxjax.train --config=configs/llama2_13b_64k.py --workdir=gs://BUCKET/13b64k
 # CHECK:     python -m ctxjax.aot --config=configs/llama2_13b_64k.py --topology=v5p-128

@@ -1,6 +1,6 @@
 # Fu et al. 2024 ("Data Engineering for Scaling Language Models to 128K Context"): LLaMA-2 7B
 # continually pretrained at 80K tokens on a per-source length-upsampled SlimPajama mixture,
-# constant LR 2e-5, ~4M tokens per batch, 5B tokens (TECHNIQUES.md §15).
+# constant LR 2e-5, ~4M tokens per batch, 5B tokens (Fu et al. 2024, experimental setup).
 #
 # COMMAND:   python -m ctxjax.train --config=configs/llama2_7b_80k.py --workdir=gs://BUCKET/7b80k
 #            (on every worker: launch/tpu_vm.py --tpu=NAME --accelerator-type=v5p-128 ...)
@@ -27,7 +27,7 @@ HF_CHECKPOINT = "meta-llama/Llama-2-7b-hf"
 def get_config():
   config = ml_collections.ConfigDict()
   # rope_theta 5e5: ABF as Xiong et al. 2023, which Fu et al. follow; the paper states no base
-  # (TECHNIQUES.md §3, §21), the released yaofu/llama-2-7b-80k config is the authority.
+  # in its text; the released yaofu/llama-2-7b-80k config is the authority.
   config.model = _llama2.model("7b", max_position_embeddings=SEQ_LEN, rope_theta=5e5,
                                attention_impl="ring")
   config.data = ml_collections.ConfigDict(dict(

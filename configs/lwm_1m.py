@@ -12,7 +12,8 @@
 #
 # rope_theta per stage: the LWM README's 128K/256K 1e7, 512K 2.5e7, 1M 5e7 (the released
 # LWM-Text-1M config: 5e7, max_position_embeddings 1048576); 32K 1e6 is the paper's (unverified,
-# TECHNIQUES.md §3). The paper's per-stage token counts are unverified (§21): STAGE_TOKENS is
+# Liu et al. 2024, "World Model on Million-Length Video and Language with Blockwise
+# RingAttention"). The paper's per-stage token counts are unverified: STAGE_TOKENS is
 # ctxjax's placeholder, 1B tokens per stage; set it from your budget.
 from configs import _llama2, llama2_7b_80k
 

@@ -15,7 +15,8 @@ HALF_DIM = 32   # head_dim // 2 of the tiny model
 SCALINGS = {
     "linear": dict(rope_type="linear", factor=TARGET / ORIGINAL),
     "ntk": dict(rope_type="ntk", factor=TARGET / ORIGINAL),
-    # Dynamic NTK reads max_position_embeddings as the original length (TECHNIQUES §2, §20.4).
+    # Dynamic NTK reads max_position_embeddings as the original length (as transformers'
+    # _compute_dynamic_ntk_parameters does; bloc97, 2023).
     "dynamic": dict(rope_type="dynamic", factor=TARGET / ORIGINAL),
     "yarn": dict(rope_type="yarn", factor=TARGET / ORIGINAL,
                  original_max_position_embeddings=ORIGINAL, beta_fast=32.0, beta_slow=1.0),

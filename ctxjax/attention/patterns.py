@@ -41,6 +41,12 @@ class Pattern:
   def block_visible(self, q_lo, q_hi, k_lo, k_hi):
     return jnp.asarray(True)
 
+  def cache_window(self) -> tuple[int, int] | None:
+    """(n_first, n_last) when a query can only ever see keys among the first n_first positions
+    and the last n_last (itself included) of a contiguous stream: a decoding cache may then
+    evict every other key (ctxjax/model/kv_cache.py). None: every key may be seen again."""
+    return None
+
   def to_dict(self) -> dict:
     return {"kind": self.kind, **dataclasses.asdict(self)}
 
@@ -83,21 +89,43 @@ class SlidingWindow(Pattern):
   def block_visible(self, q_lo, q_hi, k_lo, k_hi):
     return (k_lo <= q_hi) & (k_hi > q_lo - self.window)
 
-
-def _sinks_plus_window_mask(q_pos, k_pos, n_first, window):
-  """Causal; key visible iff within the last `window` positions or among the first n_first."""
-  return (k_pos <= q_pos) & ((k_pos > q_pos - window) | (k_pos < n_first))
+  def cache_window(self):
+    return 0, self.window
 
 
-def _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, n_first, window):
-  # Exact for integer ranges: the window part is SlidingWindow's test; the first-n part needs
-  # a key k < n_first with k <= some query, i.e. k_lo < n_first and k_lo <= q_hi.
-  return (k_lo <= q_hi) & ((k_hi > q_lo - window) | (k_lo < n_first))
+class _FirstAndWindow(Pattern):
+  """Causal; a key is visible iff among the first n_first positions or within the last
+  `window`. Subclasses name their two fields in `_first_and_window`."""
+  _first_and_window: tuple[str, str]
+
+  def _limits(self) -> tuple[int, int]:
+    first, window = self._first_and_window
+    return getattr(self, first), getattr(self, window)
+
+  def __post_init__(self):
+    (first_key, window_key), (first, window) = self._first_and_window, self._limits()
+    if window <= 0:
+      raise ValueError(f"attention_pattern.{window_key} must be > 0, got {window}")
+    if first < 0:
+      raise ValueError(f"attention_pattern.{first_key} must be >= 0, got {first}")
+
+  def mask(self, q_pos, k_pos):
+    first, window = self._limits()
+    return (k_pos <= q_pos) & ((k_pos > q_pos - window) | (k_pos < first))
+
+  def block_visible(self, q_lo, q_hi, k_lo, k_hi):
+    # Exact for integer ranges: the window part is SlidingWindow's test; the first-n part needs
+    # a key k < first with k <= some query, i.e. k_lo < first and k_lo <= q_hi.
+    first, window = self._limits()
+    return (k_lo <= q_hi) & ((k_hi > q_lo - window) | (k_lo < first))
+
+  def cache_window(self):
+    return self._limits()
 
 
 @register_pattern("lambda")
 @dataclasses.dataclass(frozen=True)
-class LambdaMask(Pattern):
+class LambdaMask(_FirstAndWindow):
   """LM-Infinite's Lambda-shaped mask (Han et al. 2024).
 
   Key n is visible to query m iff m - n_local < n <= m (local branch) or n < n_global and
@@ -109,23 +137,12 @@ class LambdaMask(Pattern):
   """
   n_global: int = 10
   n_local: int = 4096
-
-  def __post_init__(self):
-    if self.n_local <= 0:
-      raise ValueError(f"attention_pattern.n_local must be > 0, got {self.n_local}")
-    if self.n_global < 0:
-      raise ValueError(f"attention_pattern.n_global must be >= 0, got {self.n_global}")
-
-  def mask(self, q_pos, k_pos):
-    return _sinks_plus_window_mask(q_pos, k_pos, self.n_global, self.n_local)
-
-  def block_visible(self, q_lo, q_hi, k_lo, k_hi):
-    return _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, self.n_global, self.n_local)
+  _first_and_window = ("n_global", "n_local")
 
 
 @register_pattern("attention_sinks")
 @dataclasses.dataclass(frozen=True)
-class AttentionSinks(Pattern):
+class AttentionSinks(_FirstAndWindow):
   """StreamingLLM (Xiao et al. 2024): the first `sink_size` positions + the last `window`.
 
   Key k is visible to query q iff k <= q and (k < sink_size or k > q - window); the window
@@ -138,18 +155,7 @@ class AttentionSinks(Pattern):
   """
   sink_size: int = 4
   window: int = 512
-
-  def __post_init__(self):
-    if self.window <= 0:
-      raise ValueError(f"attention_pattern.window must be > 0, got {self.window}")
-    if self.sink_size < 0:
-      raise ValueError(f"attention_pattern.sink_size must be >= 0, got {self.sink_size}")
-
-  def mask(self, q_pos, k_pos):
-    return _sinks_plus_window_mask(q_pos, k_pos, self.sink_size, self.window)
-
-  def block_visible(self, q_lo, q_hi, k_lo, k_hi):
-    return _sinks_plus_window_block_visible(q_lo, q_hi, k_lo, k_hi, self.sink_size, self.window)
+  _first_and_window = ("sink_size", "window")
 
 
 @register_pattern("block_causal")
@@ -176,6 +182,9 @@ class BlockCausal(Pattern):
     # key, min(k_hi, q_hi), is in or after the block before q_lo's (taking q = max(q_lo, k)).
     k_best = jnp.minimum(k_hi, q_hi)
     return (k_lo <= q_hi) & (k_best // self.block_size >= q_lo // self.block_size - 1)
+
+  def cache_window(self):
+    return 0, 2 * self.block_size  # the current and the previous block, at most
 
 
 def make_pattern(kind: str = "causal", **kwargs) -> Pattern:

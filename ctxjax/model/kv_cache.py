@@ -6,10 +6,10 @@ the keys' segment id: 0 never matches a query) and each row's token count (`leng
 
 Slots are filled in order; a *bounded* cache keeps the first `n_first` tokens and the last
 `n_last` in a ring buffer, so its memory is constant on an unbounded stream. That is exact for
-patterns that can never show an evicted key to a later query (`window_of`): StreamingLLM's
-attention sinks (Xiao et al. 2024: sink tokens + recent window), LM-Infinite's Lambda mask
-(Han et al. 2024: n_global + n_local), Mistral's sliding window and xPos's block-causal
-inference (Sun et al. 2023: the current and the previous block). Positions stay the tokens'
+patterns that can never show an evicted key to a later query (`Pattern.cache_window`):
+StreamingLLM's attention sinks (Xiao et al. 2024: sink tokens + recent window), LM-Infinite's
+Lambda mask (Han et al. 2024: n_global + n_local), Mistral's sliding window and xPos's
+block-causal inference (Sun et al. 2023: the current and the previous block). Positions stay the tokens'
 own position ids (no re-assignment inside the cache), so decoding with a cache gives the same
 logits as one forward pass over the whole sequence.
 
@@ -20,20 +20,11 @@ right-padded: a row's real tokens come first and carry segment id != 0.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-# Pattern kind -> (n_first, n_last) of the keys any later query may still see, for patterns
-# whose visible set is the first n_first positions plus the last n_last (query included).
-_WINDOWS: dict[str, Callable[[Any], tuple[int, int]]] = {
-    "sliding_window": lambda p: (0, p.window),
-    "attention_sinks": lambda p: (p.sink_size, p.window),
-    "lambda": lambda p: (p.n_global, p.n_local),
-    "block_causal": lambda p: (0, 2 * p.block_size),
-}
 
 
 def window_of(cfg) -> tuple[int, int] | None:
@@ -41,10 +32,9 @@ def window_of(cfg) -> tuple[int, int] | None:
   if cfg.attention_mode == "lm_infinite":
     opts = dict(cfg.attention_options)
     return opts["n_global"], opts["n_local"]
-  if cfg.attention_mode != "standard" and cfg.attention_mode != "s2":
+  if cfg.attention_mode not in ("standard", "s2"):
     return None
-  rule = _WINDOWS.get(cfg.attention_pattern.kind)
-  return None if rule is None else rule(cfg.attention_pattern)
+  return cfg.attention_pattern.cache_window()
 
 
 @flax.struct.dataclass
