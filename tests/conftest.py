@@ -7,7 +7,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `configs` is importable as a package from the repo root
   sys.path.insert(0, ROOT)
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# Implicit rank promotion (adding a [T] to a [B, T] array) hides shape bugs; nanodo's tests
+# raise on it, and so do ours. Subprocess workers set it through the environment.
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 @pytest.fixture

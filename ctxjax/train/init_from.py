@@ -63,7 +63,7 @@ def _from_hf(hf_dir: str, shardings: dict, model_cfg) -> tuple[dict, str]:
 
 def initial_params(train_cfg, params, param_shardings, model_cfg):
   """`params`, or the parameters `train_cfg.init_from` / `init_from_hf` names (see above)."""
-  workdir, hf_dir = train_cfg.get("init_from", ""), train_cfg.get("init_from_hf", "")
+  workdir, hf_dir = train_cfg.init_from, train_cfg.init_from_hf
   if workdir and hf_dir:
     raise ValueError("config.train.init_from and config.train.init_from_hf are both set; "
                      "choose one")

@@ -144,7 +144,7 @@ def train(config, workdir: str) -> dict:
         data_state = saved["data"]
       logging.info("resumed from %s at step %d", ckpt.directory, start - 1)
   if start == 1:  # a fresh run (not a resume) may start from other parameters
-    state = state.replace(params=initial_params(config.train, state.params,
+    state = state.replace(params=initial_params(cfg.train, state.params,
                                                 state_shardings.params, stage_cfgs[0]))
 
   writer = MetricsWriter(workdir, enabled=lead)
