@@ -148,8 +148,9 @@ def _assert_equal(got, want, atol=1e-5):
 @pytest.mark.parametrize("kind", PATTERNS)
 @pytest.mark.parametrize("positions", POSITIONS)
 def test_xla_equals_reference_for_any_positions(positions, kind):
-  got = _run(fused.xla_attention, positions, kind, grads=True)
-  _assert_equal(got, _reference(positions, kind, grads=True))
+  grads = positions in ("pose", "packed")  # gradients on half the cases, to keep this short
+  got = _run(fused.xla_attention, positions, kind, grads=grads)
+  _assert_equal(got, _reference(positions, kind, grads=grads))
 
 
 def _splash_expected_ok(positions, kind, contiguous):
