@@ -152,10 +152,15 @@ def logs(args) -> list[list[str]]:
 def stop(args) -> list[list[str]]:
   # SIGTERM: the trainer checkpoints and exits (ctxjax/train/checkpoint.py); wait for the exit
   # so that a `delete` right after cannot cut the checkpoint short.
+  # A trainer still running after --stop-timeout seconds keeps its pid file (stop again).
+  wait = int(args.stop_timeout)
   return [_ssh(args, f"if test -f {PID}; then pid=$(cat {PID}); "
                      "if kill -TERM \"$pid\" 2> /dev/null; then "
-                     "while kill -0 \"$pid\" 2> /dev/null; do sleep 1; done; fi; "
-                     f"rm -f {PID}; fi")]
+                     f"deadline=$((SECONDS + {wait})); "
+                     "while kill -0 \"$pid\" 2> /dev/null; do if [ $SECONDS -ge $deadline ]; "
+                     f"then echo \"launch/tpu_vm.py: trainer $pid still running {wait}s after "
+                     f"SIGTERM (see {LOG}); run stop again\" >&2; exit 1; fi; sleep 1; done; "
+                     f"fi; rm -f {PID}; fi")]
 
 
 def delete(args) -> list[list[str]]:
@@ -182,6 +187,8 @@ def parse(argv):
   parser.add_argument("--spot", action="store_true")
   parser.add_argument("--timeout", default=3 * 3600, type=float,
                       help="seconds --queued waits for ACTIVE before giving up (default 3h)")
+  parser.add_argument("--stop-timeout", default=1800, type=float,
+                      help="seconds stop waits for the trainer to save and exit (default 30min)")
   parser.add_argument("--config", default=None, help="configs/<recipe>.py[:arg]")
   parser.add_argument("--workdir", default=None, help="gs://bucket/path")
   parser.add_argument("--worker", default=0, type=int, help="worker whose log `logs` follows")

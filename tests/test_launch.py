@@ -201,6 +201,20 @@ def test_stop_delivers_sigterm_to_the_trainer_itself(fake_pod):
   assert tpu_vm.main(["stop", *LIVE]) == 0  # nothing running: a no-op
 
 
+def test_stop_reports_a_trainer_that_does_not_exit(fake_pod):
+  home = os.environ["HOME"]
+  _script(fake_pod.parent / "home" / "ctxjax-venv" / "bin" / "python",
+          FAKE_TRAINER.replace("exit 0'", "'"))  # records TERM, keeps running
+  assert tpu_vm.main(["run", *LIVE, "--config=c.py", "--workdir=gs://b/r"]) == 0
+  pid = int(_wait_for(fake_pod / "trainer.argv")[0])
+  try:
+    assert tpu_vm.main(["stop", *LIVE, "--stop-timeout=1"]) == 1
+    assert (fake_pod / "trainer.signal").read_text() == "got TERM\n"
+    assert os.path.exists(os.path.join(home, "ctxjax-train.pid"))  # kept: stop again later
+  finally:
+    os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("states, rc, message", [
     (["WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], 0, None),
     (["WAITING_FOR_RESOURCES", "FAILED"], 1, "queued resource ctx-1 is FAILED"),
