@@ -1,12 +1,13 @@
 """ctxjax: context-length extension for LLaMA-family models in JAX/Flax.
 
 Importing the package checks the installed jax first: an older jax fails later with an
-AttributeError deep in a training step (jax.set_mesh and jax.shard_map appeared in jax 0.7.1),
-so the check names the installed and required versions and the fix up front instead.
+AttributeError deep in a training step (jax.reshard appeared in jax 0.8.2,
+jax.sharding.get_mesh in 0.8.1, jax.set_mesh in 0.7.1), so the check names the installed and
+required versions and the fix up front instead.
 """
 from importlib import metadata as _metadata
 
-JAX_MIN = (0, 7, 1)  # jax.set_mesh (jax 0.7.1 changelog), top-level jax.shard_map
+JAX_MIN = (0, 8, 2)  # the oldest jax with every jax.* name ctxjax uses (jax.reshard)
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -31,7 +32,7 @@ def check_jax_version() -> None:
     raise ImportError(f'ctxjax needs jax>={need}, which is not installed: '
                       f'pip install -U "jax>={need}"') from None
   if _release(installed) < JAX_MIN:
-    raise ImportError(f'ctxjax needs jax>={need} (jax.set_mesh, jax.shard_map), but jax '
+    raise ImportError(f'ctxjax needs jax>={need} (jax.reshard, jax.set_mesh), but jax '
                       f'{installed} is installed: pip install -U "jax>={need}"')
 
 

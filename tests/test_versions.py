@@ -20,7 +20,7 @@ def jax_version(monkeypatch):
   importlib.reload(ctxjax)
 
 
-@pytest.mark.parametrize("old", ["0.6.2", "0.7.0", "0.4.38", "0.7.0rc1"])
+@pytest.mark.parametrize("old", ["0.8.1", "0.7.1", "0.4.38", "0.8.1rc1"])
 def test_old_jax_is_refused_at_import_with_the_fix(jax_version, old):
   jax_version(old)
   with pytest.raises(ImportError) as err:
@@ -28,11 +28,11 @@ def test_old_jax_is_refused_at_import_with_the_fix(jax_version, old):
   message = str(err.value)
   assert "\n" not in message
   assert f"jax {old} is installed" in message
-  assert "jax>=0.7.1" in message
-  assert 'pip install -U "jax>=0.7.1"' in message
+  assert "jax>=0.8.2" in message
+  assert 'pip install -U "jax>=0.8.2"' in message
 
 
-@pytest.mark.parametrize("new", ["0.7.1", "0.10.2", "0.10.3.dev20270101", "1.0.0"])
+@pytest.mark.parametrize("new", ["0.8.2", "0.10.2", "0.10.3.dev20270101", "1.0.0"])
 def test_new_enough_jax_imports(jax_version, new):
   jax_version(new)
   importlib.reload(ctxjax)
@@ -42,7 +42,7 @@ def test_missing_jax_is_named(jax_version, monkeypatch):
   def missing(name):
     raise metadata.PackageNotFoundError(name)
   monkeypatch.setattr(metadata, "version", missing)
-  with pytest.raises(ImportError, match='not installed: pip install -U "jax>=0.7.1"'):
+  with pytest.raises(ImportError, match='not installed: pip install -U "jax>=0.8.2"'):
     importlib.reload(ctxjax)
 
 
