@@ -1,17 +1,31 @@
-"""Vendor kernels behind the same entry point, and `auto`, which picks the fastest one that can
-express the request on the current backend.
+"""Vendor kernels behind the same entry point, and `auto`, which picks the fastest one that
+computes exactly what `reference` computes for the given call on the current backend.
 
   xla     jax.nn.dot_product_attention(implementation="xla") with an explicit mask/bias built
-          from positions, segment ids and the pattern. Any backend, any pattern (dense T x S).
-  cudnn   jax.nn.dot_product_attention(implementation="cudnn") — GPU, fp16/bf16, causal or
-          full patterns (cuDNN's causal mask is by token index, which equals the positional rule
-          when positions increase within each segment, as packing, PoSE and randomized ids do),
-          segment ids and ALiBi as mask/bias.
-  splash  Pallas splash attention (jax.experimental.pallas.ops.tpu) — TPU, causal/full/sliding
-          window by index with segment ids; no ALiBi. `CTXJAX_SPLASH_INTERPRET=1` runs the Pallas
-          interpreter on CPU (tests).
-  auto    TPU: splash if it can express the call; GPU: cudnn likewise; else blockwise.
-A forced kernel that cannot express the request raises a ValueError naming what is missing.
+          from positions, segment ids and the pattern (the reference's rule). Any backend, any
+          pattern, any positions (dense T x S).
+  cudnn   jax.nn.dot_product_attention(implementation="cudnn") with the same explicit mask and
+          ALiBi bias (is_causal is never set: cuDNN's causal mask is by token index), so it is
+          exact for any positions and segments; GPU, fp16/bf16, causal or full patterns (other
+          patterns are left to blockwise, which skips invisible blocks instead of masking them).
+  splash  Pallas splash attention (jax.experimental.pallas.ops.tpu) — TPU. Its masks are built
+          from token INDICES, not position ids, so it runs only where that is the same thing:
+            full                    position-free: any positions;
+            causal, sliding_window  only with `contiguous_positions=True`, the caller's promise
+                                    that within each segment positions step by exactly 1 per
+                                    token (0..T-1, or restarting per packed document). PoSE,
+                                    randomized or any data-dependent positions break it (the
+                                    window then covers the wrong keys), and a traced array
+                                    cannot prove it, so the default is False and `attend`
+                                    never sets it;
+            lambda, attention_sinks, block_causal  never (their masks read absolute positions);
+          and only for self-attention (one segment-id array — and for causal/sliding_window one
+          position array — passed as both queries' and keys'), so that every row sees a key. No
+          ALiBi. `CTXJAX_SPLASH_INTERPRET=1` runs the Pallas interpreter on CPU (tests).
+  auto    TPU: splash if it is exact for the call; GPU: cudnn likewise; else blockwise (exact
+          for any positions). `select_kernel` is the decision, by the static facts of the call.
+A forced kernel that cannot compute the call exactly raises a one-line ValueError naming the
+reason and the alternative.
 """
 from __future__ import annotations
 
@@ -26,6 +40,13 @@ from ctxjax.attention.api import register_implementation
 from ctxjax.attention.reference import visibility_and_alibi
 
 _SPLASH_BLOCK = 128
+_SPLASH_BY_INDEX = ("causal", "sliding_window")   # masks that read positions via index order
+_SPLASH_PATTERNS = ("full",) + _SPLASH_BY_INDEX
+
+
+def _backend() -> str:
+  """The platform kernels are chosen for (one function, so tests can pose as a GPU or TPU)."""
+  return jax.default_backend()
 
 
 def _mask_and_bias(q_positions, k_positions, q_segment_ids, k_segment_ids, pattern, alibi_slopes,
@@ -61,10 +82,11 @@ def xla_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment
               alibi_slopes=alibi_slopes, scale=scale)
 
 
-def cudnn_unsupported(q, pattern, alibi_slopes) -> str | None:
-  """Why cuDNN cannot run this call, or None if it can."""
-  if jax.default_backend() != "gpu":
-    return f"cudnn attention needs a GPU backend (this is {jax.default_backend()!r})"
+def cudnn_unsupported(q, k, *, pattern, alibi_slopes=None, **_) -> str | None:
+  """Why cuDNN cannot run this call exactly, or None if it can (positions and segments reach it
+  as an explicit mask, so they never make it wrong)."""
+  if _backend() != "gpu":
+    return f"cudnn attention needs a GPU backend (this is {_backend()!r})"
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"cudnn attention needs bfloat16/float16 inputs, got {q.dtype}"
   if pattern.kind not in ("causal", "full"):
@@ -77,9 +99,9 @@ def cudnn_unsupported(q, pattern, alibi_slopes) -> str | None:
 @register_implementation("cudnn")
 def cudnn_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, pattern,
                     alibi_slopes=None, scale=None):
-  reason = cudnn_unsupported(q, pattern, alibi_slopes)
+  reason = cudnn_unsupported(q, k, pattern=pattern, alibi_slopes=alibi_slopes)
   if reason:
-    raise ValueError(reason + "; use impl='auto' to fall back to blockwise")
+    raise ValueError(reason + "; use impl='auto' (falls back to blockwise) or impl='xla'")
   return _dpa("cudnn", q, k, v, q_positions=q_positions, k_positions=k_positions,
               q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids, pattern=pattern,
               alibi_slopes=alibi_slopes, scale=scale)
@@ -89,17 +111,29 @@ def _splash_interpret() -> bool:
   return os.environ.get("CTXJAX_SPLASH_INTERPRET", "") == "1"
 
 
-def splash_unsupported(q, k, pattern, alibi_slopes) -> str | None:
-  """Why splash attention cannot run this call, or None if it can."""
-  if jax.default_backend() != "tpu" and not _splash_interpret():
-    return f"splash attention needs a TPU backend (this is {jax.default_backend()!r})"
+def splash_unsupported(q, k, *, q_positions, k_positions, q_segment_ids, k_segment_ids, pattern,
+                       alibi_slopes=None, contiguous_positions=False, **_) -> str | None:
+  """Why splash attention cannot compute this call exactly, or None if it can. Decided from
+  what is known at trace time: shapes, the pattern, which arrays are passed, the caller's flag."""
+  if _backend() != "tpu" and not _splash_interpret():
+    return f"splash attention needs a TPU backend (this is {_backend()!r})"
   if alibi_slopes is not None:
     return "splash attention has no ALiBi bias"
-  if pattern.kind not in ("causal", "full", "sliding_window"):
-    return f"splash attention supports patterns causal/full/sliding_window, not {pattern.kind!r}"
+  if pattern.kind not in _SPLASH_PATTERNS:
+    return (f"splash attention supports patterns {'/'.join(_SPLASH_PATTERNS)}, not "
+            f"{pattern.kind!r} (its mask reads absolute positions)")
   if q.shape[1] % _SPLASH_BLOCK or k.shape[1] % _SPLASH_BLOCK:
     return (f"splash attention needs lengths divisible by {_SPLASH_BLOCK}, got "
             f"{q.shape[1]} and {k.shape[1]}")
+  by_index = pattern.kind in _SPLASH_BY_INDEX
+  if q.shape[1] != k.shape[1] or q_segment_ids is not k_segment_ids or (
+      by_index and q_positions is not k_positions):
+    return ("splash attention needs self-attention: one segment-id array"
+            + (" and one position array" if by_index else "") + " passed for queries and keys")
+  if by_index and not contiguous_positions:
+    return (f"splash attention builds its {pattern.kind} mask from token indices, which equals "
+            "the position rule only for positions that step by 1 within each segment; pass "
+            "contiguous_positions=True only for such positions (not PoSE/randomized)")
   return None
 
 
@@ -120,16 +154,25 @@ def _splash_kernel(kind: str, window: int | None, group: int, q_len: int, kv_len
       block_q_dkv=_SPLASH_BLOCK, block_kv_dkv=_SPLASH_BLOCK,
       block_kv_dkv_compute=_SPLASH_BLOCK, block_q_dq=_SPLASH_BLOCK, block_kv_dq=_SPLASH_BLOCK)
   # One kv head serves `group` query heads: the MQA form of splash, vmapped over kv heads.
-  return sk.make_splash_mqa(sm.MultiHeadMask([mask] * group), block_sizes=block, head_shards=1,
-                            q_seq_shards=1, interpret=interpret)
+  # Built eagerly even when first asked for inside a jit trace: the kernel holds its mask
+  # metadata as arrays, and a cached kernel holding one trace's tracers would leak them into
+  # the next trace (UnexpectedTracerError).
+  with jax.ensure_compile_time_eval():
+    return sk.make_splash_mqa(sm.MultiHeadMask([mask] * group), block_sizes=block,
+                              head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 @register_implementation("splash")
 def splash_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, pattern,
-                     alibi_slopes=None, scale=None):
-  reason = splash_unsupported(q, k, pattern, alibi_slopes)
+                     alibi_slopes=None, scale=None, contiguous_positions=False):
+  """contiguous_positions: static promise that positions step by exactly 1 per token within each
+  segment (module docstring); `attend` never makes it."""
+  reason = splash_unsupported(q, k, q_positions=q_positions, k_positions=k_positions,
+                              q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
+                              pattern=pattern, alibi_slopes=alibi_slopes,
+                              contiguous_positions=contiguous_positions)
   if reason:
-    raise ValueError(reason + "; use impl='auto' to fall back to blockwise")
+    raise ValueError(reason + "; use impl='auto' (falls back to blockwise), 'blockwise' or 'xla'")
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
   batch, q_len, num_heads, head_dim = q.shape
   num_kv = k.shape[2]
@@ -148,12 +191,24 @@ def splash_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segm
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
 
 
+def select_kernel(q, k, *, contiguous_positions=False, **kwargs) -> str:
+  """`auto`'s choice for this call: "splash" (TPU) / "cudnn" (GPU) where exact, else
+  "blockwise". kwargs: the kernel's keyword arguments (positions, segment ids, pattern, ...)."""
+  backend = _backend()
+  if backend == "tpu" and not splash_unsupported(q, k, contiguous_positions=contiguous_positions,
+                                                 **kwargs):
+    return "splash"
+  if backend == "gpu" and not cudnn_unsupported(q, k, **kwargs):
+    return "cudnn"
+  return "blockwise"
+
+
 @register_implementation("auto")
-def auto_attention(q, k, v, **kwargs):
-  """The fastest kernel that can express the call on this backend; blockwise otherwise."""
-  backend = jax.default_backend()
-  if backend == "tpu" and not splash_unsupported(q, k, kwargs["pattern"], kwargs["alibi_slopes"]):
-    return splash_attention(q, k, v, **kwargs)
-  if backend == "gpu" and not cudnn_unsupported(q, kwargs["pattern"], kwargs["alibi_slopes"]):
+def auto_attention(q, k, v, *, contiguous_positions=False, **kwargs):
+  """The fastest kernel that computes exactly the reference's result for this call."""
+  choice = select_kernel(q, k, contiguous_positions=contiguous_positions, **kwargs)
+  if choice == "splash":
+    return splash_attention(q, k, v, contiguous_positions=contiguous_positions, **kwargs)
+  if choice == "cudnn":
     return cudnn_attention(q, k, v, **kwargs)
   return blockwise.blockwise_attention(q, k, v, **kwargs)
