@@ -17,8 +17,10 @@ consistency check for GPU recipes; the memory figures are XLA:CPU's buffer assig
 against the H100's 80 GB as an indication only (GPU fusion and buffers differ), never a verdict.
 
 Kernels: `attention_impl="auto"` resolves on the HOST's backend, so TPU mode compiles the
-blockwise XLA kernel where a TPU run would use splash (ctxjax/attention/fused.py); context
-parallelism ("ring"/"all_gather") is the same code on every backend.
+blockwise XLA kernel; a TPU run picks splash only where its index-built masks equal the
+position rule (the `full` pattern, or a caller that vouches for contiguous positions;
+ctxjax/attention/fused.py), and blockwise otherwise. Context parallelism ("ring"/"all_gather")
+is the same code on every backend.
 """
 from __future__ import annotations
 
