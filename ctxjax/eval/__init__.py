@@ -1,0 +1,1 @@
+"""Evaluation: scorers, perplexity vs length, retrieval grids, plots, prompt compression."""
