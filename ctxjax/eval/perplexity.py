@@ -131,10 +131,11 @@ def default_lengths(train_length: int,
 def perplexity_vs_length(nll_fn: NllFn, docs_by_source: Mapping[str, Sequence[np.ndarray]],
                          lengths: Sequence[int], *, bos_id: int, protocol: str = "nonoverlap",
                          stride: int | None = None, batch_size: int = 1,
-                         max_tokens: int | None = None, model: str = "",
-                         progress: Callable | None = None) -> dict:
+                         batch_tokens: int | None = None, max_tokens: int | None = None,
+                         model: str = "", progress: Callable | None = None) -> dict:
   """{model, protocol, stride, lengths, per_source: {src: {L: {nll, ppl, tokens}}},
-  overall: {L: ...}}; nll is the mean per scored token (nats), ppl = exp(nll)."""
+  overall: {L: ...}}; nll is the mean per scored token (nats), ppl = exp(nll). With
+  `batch_tokens`, each length's batch holds max(1, batch_tokens // L) windows."""
   PROTOCOLS.check(protocol)
   streams = {src: source_stream(docs, bos_id) for src, docs in docs_by_source.items()}
   per_source: dict = {src: {} for src in streams}
@@ -145,7 +146,8 @@ def perplexity_vs_length(nll_fn: NllFn, docs_by_source: Mapping[str, Sequence[np
     sums, counts = 0.0, 0
     for src, stream in streams.items():
       nll, n = stream_nll(nll_fn, stream, length, bos_id=bos_id, stride=s,
-                          batch_size=batch_size, max_tokens=max_tokens)
+                          batch_size=max(1, batch_tokens // length) if batch_tokens
+                          else batch_size, max_tokens=max_tokens)
       per_source[src][str(length)] = _entry(nll, n)
       sums, counts = sums + nll, counts + n
       if progress is not None:

@@ -35,6 +35,13 @@ def check_task(task: str) -> str:
   return scoring.TASK_SCORERS.check(task)
 
 
+def min_length(tok, task: str, haystack: Sequence[str] | None = None) -> int:
+  """Tokens of `task`'s prompt without filler (header, needles, question) for `tok`."""
+  hay = haystack if task in HAYSTACK_TASKS else None
+  s = synthetic.make_sample(task, tok, length=1 << 14, depth=0.5, seed=0, haystack=hay)
+  return int(s.metadata["length"] - s.metadata["filler_tokens"])
+
+
 def haystack_tokens(tok, haystack: Sequence[str] | None) -> int | None:
   return None if haystack is None else sum(len(tok.encode(t)) for t in haystack)
 
