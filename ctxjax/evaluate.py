@@ -86,11 +86,12 @@ def _numbers(values, kind, flag):
 
 
 def _generate_fn():
+  """ctxjax.eval.generate (the kv-cache generator), a function or a module of that name."""
   try:
-    from ctxjax.eval.generate import generate  # noqa: PLC0415
+    from ctxjax.eval import generate  # noqa: PLC0415
   except ImportError as e:
     raise EvalInputError(f"retrieval tasks need ctxjax.eval.generate ({e})") from None
-  return generate
+  return getattr(generate, "generate", generate)
 
 
 def _progress(total: int):

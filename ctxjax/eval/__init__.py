@@ -1,1 +1,0 @@
-"""Evaluation: scorers, perplexity vs length, retrieval grids, plots, prompt compression."""
