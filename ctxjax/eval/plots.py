@@ -33,7 +33,8 @@ def retrieval_heatmap(result: Mapping, path: str, train_length: int | None = Non
   scores = np.asarray(result["scores"], float)
   lengths, depths = result["lengths"], result["depths"]
   cmap = LinearSegmentedColormap.from_list("fu2024", ["#F0496E", "#EBB839", "#0CD79F"])
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.45 * len(depths)))
+  fig, ax = plt.subplots(figsize=(max(4.5, 1.5 + 0.9 * len(lengths)),
+                                  1.4 + 0.45 * len(depths)))
   ax.imshow(scores, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
   for i in range(scores.shape[0]):
     for j in range(scores.shape[1]):
@@ -45,7 +46,8 @@ def retrieval_heatmap(result: Mapping, path: str, train_length: int | None = Non
   if train_length and len(lengths) > 1 and min(lengths) <= train_length <= max(lengths):
     ax.axvline(_boundary(lengths, train_length), color="k", linestyle="--", linewidth=1)
   mean = float(scores.mean()) if scores.size else float("nan")
-  ax.set_title(f"{result['task']} {result.get('model', '')}: mean score {mean:.3f}")
+  ax.set_title(f"{result['task']} {result.get('model', '')}\nmean score {mean:.3f}",
+               fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
@@ -57,13 +59,17 @@ def perplexity_plot(results: Sequence[Mapping], path: str,
                     source: str | None = None) -> str:
   """Writes perplexity vs length of one or more perplexity_vs_length results (`overall`, or
   per_source[source]) to `path`; returns `path`."""
+  from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: PLC0415
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(6, 4))
+  ticks, values = set(), []
   train_lengths = list(train_lengths or [None] * len(results))
   for k, (res, train) in enumerate(zip(results, train_lengths)):
     table = res["overall"] if source is None else res["per_source"][source]
     pts = [(int(L), v["ppl"]) for L, v in table.items() if v["ppl"] is not None]
     pts.sort()
+    ticks.update(p[0] for p in pts)
+    values += [p[1] for p in pts]
     color = f"C{k}"
     if pts:
       ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=color,
@@ -72,6 +78,13 @@ def perplexity_plot(results: Sequence[Mapping], path: str,
       ax.axvline(train, color=color, linestyle="--", linewidth=1)
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
+  if ticks:
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+  plain = FuncFormatter(lambda v, _: f"{v:.4g}")
+  ax.yaxis.set_major_formatter(plain)
+  # Within one decade only minor ticks fall inside the axis: label them then, not otherwise.
+  narrow = bool(values) and max(values) < 10 * min(values)
+  ax.yaxis.set_minor_formatter(plain if narrow else NullFormatter())
   ax.set_xlabel("context length (tokens)")
   ax.set_ylabel("perplexity")
   ax.set_title("perplexity vs length" + (f" ({source})" if source else ""))
