@@ -68,7 +68,8 @@ def compression_eval(generate_fn: Callable, model, variables, tok, scorer, task:
       outs = []
       for b in range(0, len(rows), batch_size):
         outs += retrieval.generate_batch(generate_fn, model, variables,
-                                         rows[b:b + batch_size], max_new, eos)
+                                         rows[b:b + batch_size], max_new, eos,
+                                         pad_to=batch_size)
       results = [scoring.score(task, tok.decode(ids), m.answers) for ids, m in zip(outs, made)]
       cell[kind] = float(np.mean([r["score"] for r in results]))
       for m, ids, r, st in zip(made, outs, results, stats):

@@ -57,13 +57,16 @@ def new_tokens(rows_BT: np.ndarray, prompt_len: int, eos_id: int | None) -> list
 
 
 def generate_batch(generate_fn: Callable, model, variables, prompts: Sequence[np.ndarray],
-                   max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
-  """Greedy continuations (new ids) of equal-length prompts."""
-  batch = np.stack([np.asarray(p, np.int32) for p in prompts])
+                   max_new_tokens: int, eos_id: int | None,
+                   pad_to: int | None = None) -> list[list[int]]:
+  """Greedy continuations (new ids) of equal-length prompts; the batch is filled up to
+  `pad_to` rows with copies of the first prompt (one compiled shape per length)."""
+  rows = [np.asarray(p, np.int32) for p in prompts]
+  batch = np.stack(rows + rows[:1] * max(0, (pad_to or 0) - len(rows)))
   out = generate_fn(model, variables, batch, max_new_tokens, temperature=0.0, top_p=1.0,
-                    seed=0, prompt_lengths=np.full(len(prompts), batch.shape[1], np.int32),
+                    seed=0, prompt_lengths=np.full(len(batch), batch.shape[1], np.int32),
                     eos_id=eos_id)
-  return new_tokens(out, batch.shape[1], eos_id)
+  return new_tokens(out, batch.shape[1], eos_id)[:len(rows)]
 
 
 def retrieval_grid(generate_fn: Callable, model, variables, tok, task: str,
@@ -94,7 +97,8 @@ def retrieval_grid(generate_fn: Callable, model, variables, tok, task: str,
                                     seed=[seed, li, di, s], haystack=hay)
               for di, s in chunk]
       prompts = [np.concatenate([[tok.bos_id], m.prompt_ids]) for m in made]
-      outs = generate_batch(generate_fn, model, variables, prompts, max_new, eos)
+      outs = generate_batch(generate_fn, model, variables, prompts, max_new, eos,
+                            pad_to=batch_size)
       for (di, s), m, ids in zip(chunk, made, outs):
         prediction = tok.decode(ids)
         result = scoring.score(task, prediction, m.answers)
