@@ -27,6 +27,7 @@ import sys
 
 from absl import app, flags, logging
 
+from ctxjax.eval.perplexity import PROTOCOLS
 from ctxjax.eval.run import EvalInputError
 from ctxjax.registry import Registry
 
@@ -53,8 +54,7 @@ def define_flags() -> None:
                     "length).")
   flags.DEFINE_list("depths", [], "Needle depths in [0, 1] (default 0, 0.1, ..., 1).")
   flags.DEFINE_integer("samples", 1, "Samples per (length, depth) cell.")
-  flags.DEFINE_enum("ppl_protocol", "nonoverlap", ["nonoverlap", "sliding"],
-                    "Perplexity protocol.")
+  flags.DEFINE_enum("ppl_protocol", "nonoverlap", PROTOCOLS.names(), "Perplexity protocol.")
   flags.DEFINE_integer("stride", None, "Sliding-window stride (default: length // 2).")
   flags.DEFINE_integer("max_tokens", 32768, "Scored tokens per source and length (ppl).")
   flags.DEFINE_integer("batch_tokens", 16384, "Tokens per forward batch (ppl).")
@@ -174,7 +174,8 @@ def evaluate(f) -> str:
   if "ppl" in tasks:
     check_lengths(run.model.cfg, ppl_lengths)
   if set(tasks) - {"ppl"}:
-    check_lengths(run.model.cfg, grid_lengths, extra=1 + retrieval.DEFAULT_MAX_NEW)
+    check_lengths(run.model.cfg, grid_lengths,
+                  extra=1 + max(retrieval.MAX_NEW_TOKENS.values()))
   out_dir = os.path.join(f.workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   docs, haystack = held_out(run)

@@ -42,7 +42,7 @@ def compression_eval(generate_fn: Callable, model, variables, tok, scorer, task:
                      progress: Callable | None = None) -> dict:
   """{task, budget, lengths, accuracy: {compressed, truncated}, per_length, samples}."""
   QUESTIONS.check(task)
-  max_new = retrieval.MAX_NEW_TOKENS.get(task, retrieval.DEFAULT_MAX_NEW)
+  max_new = retrieval.MAX_NEW_TOKENS.get(task)
   hay = haystack if task in retrieval.HAYSTACK_TASKS else None
   eos = tok.eos_id if tok.eos_id >= 0 else None
   records, per_length = [], {}

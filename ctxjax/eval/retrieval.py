@@ -21,11 +21,14 @@ import numpy as np
 
 from ctxjax.data import synthetic
 from ctxjax.eval import scoring
+from ctxjax.registry import Registry
 
 DEFAULT_DEPTHS = tuple(round(0.1 * i, 1) for i in range(11))
 # New tokens to generate per task: the key (~5 digits) / the needle sentence / 1-4 values.
-MAX_NEW_TOKENS = {"passkey": 8, "needle": 32}
-DEFAULT_MAX_NEW = 32
+MAX_NEW_TOKENS: Registry[int] = Registry("task")
+MAX_NEW_TOKENS.add("passkey", 8)
+for _task in ("needle", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery"):
+  MAX_NEW_TOKENS.add(_task, 32)
 # Tasks whose filler is real text (a haystack); passkey keeps its repeated garbage.
 HAYSTACK_TASKS = ("needle", "niah_single", "niah_multikey", "niah_multivalue",
                   "niah_multiquery")
@@ -78,7 +81,7 @@ def retrieval_grid(generate_fn: Callable, model, variables, tok, task: str,
   """{task, model, lengths, depths, scores[depth][len], metrics[name][depth][len], samples,
   haystack_repeated}; scores are the mean primary score of the cell's samples (in [0, 1])."""
   check_task(task)
-  max_new = max_new_tokens or MAX_NEW_TOKENS.get(task, DEFAULT_MAX_NEW)
+  max_new = max_new_tokens or MAX_NEW_TOKENS.get(task)
   hay = haystack if task in HAYSTACK_TASKS else None
   hay_tokens = haystack_tokens(tok, hay)
   repeated = hay_tokens is not None and hay_tokens < max(lengths)
