@@ -79,3 +79,14 @@ def test_per_source_split(model_and_vars):
   want = (per["code"]["16"]["nll"] * per["code"]["16"]["tokens"]
           + per["legal"]["16"]["nll"] * per["legal"]["16"]["tokens"]) / total
   assert res["overall"]["16"]["nll"] == pytest.approx(want)
+
+
+def test_logits_fn_and_model_agree(model_and_vars):
+  model, variables, nll_fn = model_and_vars
+  from_logits = perplexity.nll_fn_from_logits(lambda t, p: model.apply(variables, t, p))
+  rng = np.random.default_rng(5)
+  t = rng.integers(4, 64, size=(2, 16)).astype(np.int32)
+  y = rng.integers(4, 64, size=(2, 16)).astype(np.int32)
+  p = np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16))
+  m = np.ones((2, 16), np.float32)
+  np.testing.assert_allclose(from_logits(t, p, y, m), nll_fn(t, p, y, m), rtol=1e-6)
