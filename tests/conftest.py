@@ -11,9 +11,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # Implicit rank promotion (adding a [T] to a [B, T] array) hides shape bugs; nanodo's tests
-# raise on it, and so do ours. Subprocess workers set it through the environment.
+# raise on it, and so do ours. Subprocess workers inherit it through the environment.
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
-jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_rank_promotion", os.environ["JAX_NUMPY_RANK_PROMOTION"])
 
 
 @pytest.fixture
