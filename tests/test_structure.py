@@ -53,7 +53,7 @@ def _graph() -> dict[str, set[str]]:
 
 def _layer(module: str) -> str:
   parts = module.split(".")
-  if len(parts) < 2:
+  if len(parts) < 2 or parts[-1] == "__main__":  # `python -m ctxjax.x` is a command
     return ""
   return "hf" if parts[1].startswith("hf") else parts[1]
 

@@ -23,15 +23,16 @@ def main(argv):
   from ctxjax.train import distributed
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from ctxjax.train.config import run_config
+  from ctxjax.eval.during_training import make_evaluator  # the command composes train + eval
   from ctxjax.train.trainer import train
   try:
     run_config(_CONFIG.value)  # a bad key or value: one line, no traceback
   except ValueError as err:
     raise app.UsageError(f"--config: {err}") from None
   logging.set_verbosity(logging.INFO)
-  summary = train(_CONFIG.value, _WORKDIR.value)
+  summary = train(_CONFIG.value, _WORKDIR.value, make_evaluator=make_evaluator)
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                 for k, v in summary.items()))
+                 for k, v in summary.items() if k != "eval"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The trainer's config sections as typed, frozen dataclasses, validated ONCE from the
 ml_collections ConfigDict a recipe (configs/*.py) returns: `run_config(config)` -> RunConfig
-(data, train, optim, mesh, stages, aot; `model` stays the mapping model_config_from_dict
+(data, train, optim, mesh, stages, aot, eval; `model` stays the mapping model_config_from_dict
 validates per stage). Parsing, defaults and error wording: ctxjax/data/settings.py.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 from ctxjax.data.config import DataConfig, data_config
 from ctxjax.data.settings import (choice, from_mapping, nonnegative, positive, setting,
                                   unknown_key)
+from ctxjax.registry import unknown_choice
 
 SCHEDULES = ("cosine", "constant", "linear")  # ctxjax/train/optim.py
 
@@ -86,6 +87,44 @@ class AotConfig:
   devices: str | None = setting(None, kind=str, optional=True)
 
 
+# The tasks `config.eval` may run (ctxjax/eval/during_training.py runs them; `compress` of
+# `python -m ctxjax.evaluate` needs a second model and is left out).
+EVAL_TASKS = ("ppl", "passkey", "needle", "ruler")
+
+
+def _eval_tasks(path: str, value) -> None:
+  if not value:
+    raise ValueError(f"{path} is empty; valid choices: {list(EVAL_TASKS)}")
+  for name in value:
+    if name not in EVAL_TASKS:
+      raise ValueError(unknown_choice(path, name, EVAL_TASKS))
+
+
+def _positive_ints(path: str, value) -> None:
+  if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
+    raise ValueError(f"{path} must be a list of positive integers, got {list(value)!r}")
+
+
+def _fractions(path: str, value) -> None:
+  if any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+         for d in value):
+    raise ValueError(f"{path} must be fractions in [0, 1], got {list(value)!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+  """`config.eval`: the tasks of `python -m ctxjax.evaluate` run during training, every
+  `every` steps and after the last one; their scores go to metrics.jsonl and TensorBoard as
+  eval/<task>@<length> (ctxjax/eval/during_training.py). Absent or every=0: none."""
+  every: int = setting(0, kind=int, check=nonnegative)    # steps between evaluations; 0 = off
+  tasks: tuple = setting(("ppl", "passkey"), kind=tuple, check=_eval_tasks)
+  lengths: tuple = setting((), kind=tuple, check=_positive_ints)  # () = seq_len and 2x seq_len
+  depths: tuple = setting((0.0, 0.5, 1.0), kind=tuple, check=_fractions)  # needle depths
+  samples: int = setting(1, kind=int, check=positive)     # prompts per (length, depth) cell
+  max_tokens: int = setting(4096, kind=int, check=positive)  # ppl: scored tokens per length
+  seed: int = setting(0, kind=int)                        # of the synthetic prompts
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
   model: Any                 # config.model as given; model_config_from_dict validates it
@@ -95,13 +134,14 @@ class RunConfig:
   mesh: MeshConfig
   stages: tuple[StageSpec, ...]
   aot: AotConfig
+  eval: EvalConfig
 
 
 def stage_specs(raw) -> tuple[StageSpec, ...]:
   return tuple(from_mapping(StageSpec, spec, f"stages[{i}]") for i, spec in enumerate(raw or ()))
 
 
-_SECTIONS = ("model", "data", "train", "optim", "mesh", "stages", "aot")
+_SECTIONS = ("model", "data", "train", "optim", "mesh", "stages", "aot", "eval")
 
 
 def run_config(config) -> RunConfig:
@@ -120,7 +160,8 @@ def run_config(config) -> RunConfig:
                    optim=from_mapping(OptimConfig, config["optim"], "optim"),
                    mesh=from_mapping(MeshConfig, get("mesh"), "mesh"),
                    stages=stage_specs(get("stages")),
-                   aot=from_mapping(AotConfig, get("aot"), "aot"))
+                   aot=from_mapping(AotConfig, get("aot"), "aot"),
+                   eval=from_mapping(EvalConfig, get("eval"), "eval"))
 
 
 def _unknown_override(config, argv) -> str | None:

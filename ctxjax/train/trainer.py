@@ -2,7 +2,9 @@
 
 The config is validated once into typed sections (config.py: run_config). Sharding comes from
 config.mesh (sharding.py), progressive stages from config.stages (stages.py), checkpoints and
-resume from config.train.save_every (checkpoint.py).
+resume from config.train.save_every (checkpoint.py), in-training evaluation from config.eval
+through the `make_evaluator` the command hands in (ctxjax/eval/during_training.py: train never
+imports eval).
 """
 from __future__ import annotations
 
@@ -96,6 +98,10 @@ class StageLoop:
   bar: Any                   # tqdm progress bar
   ckpt: Checkpointer | None
   history: list              # logged records, appended to
+  evaluate: Callable | None = None  # (step, model, params) -> scalars; None: no config.eval
+  eval_every: int = 0
+  final_step: int = 0        # the run's last step: evaluated whatever eval_every says
+  last_eval: dict = dataclasses.field(default_factory=dict)  # the latest eval scalars
 
 
 def _stage_model_config(cfg: RunConfig, stage):
@@ -104,10 +110,26 @@ def _stage_model_config(cfg: RunConfig, stage):
   return model_cfg
 
 
-def train(config, workdir: str) -> dict:
+def _eval_wanted(cfg: RunConfig, make_evaluator) -> bool:
+  if not cfg.eval.every:
+    return False
+  if make_evaluator is None:
+    raise ValueError("config.eval.every is set but train() got no make_evaluator: pass "
+                     "ctxjax.eval.during_training.make_evaluator (python -m ctxjax.train does)")
+  if jax.process_count() > 1:
+    logging.warning("config.eval is skipped: in-training evaluation runs in single-process "
+                    "runs only; evaluate the checkpoints with python -m ctxjax.evaluate")
+    return False
+  return True
+
+
+def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> dict:
   """Train per `config`; writes config.json, metrics.jsonl, TensorBoard events, checkpoints and
-  summary.json into `workdir` (resuming from its newest checkpoint); returns the summary."""
+  summary.json into `workdir` (resuming from its newest checkpoint); returns the summary.
+  `make_evaluator(eval_cfg, data_cfg=, model_cfg=, train_length=)` -> `(step, model, params)
+  -> {name: float}` runs config.eval (ctxjax/eval/during_training.py)."""
   cfg = run_config(config)  # every section validated once, before anything is built
+  eval_on = _eval_wanted(cfg, make_evaluator)
   all_stages = stages_lib.resolve_stages(cfg)
   stage_cfgs = [_stage_model_config(cfg, s) for s in all_stages]  # validate all up front
   os.makedirs(workdir, exist_ok=True)
@@ -150,7 +172,10 @@ def train(config, workdir: str) -> dict:
   writer = MetricsWriter(workdir, enabled=lead)
   bar = _progress(steps)
   bar.update(start - 1)
-  history, run = [], None
+  history, run, last_eval = [], None, {}
+  evaluate_fn = make_evaluator(cfg.eval, data_cfg=cfg.data, model_cfg=stage_cfgs[-1],
+                               train_length=max(s.seq_len for s in all_stages)
+                               ) if eval_on else None  # bad eval settings fail before step 1
   for stage, model_cfg in zip(all_stages, stage_cfgs):
     if stage.last_step < start:
       continue
@@ -161,7 +186,8 @@ def train(config, workdir: str) -> dict:
       data_state = None
     loop = StageLoop(run=run, start=max(start, stage.first_step),
                      log_every=cfg.train.log_every, schedule=schedule, writer=writer, bar=bar,
-                     ckpt=ckpt, history=history)
+                     ckpt=ckpt, history=history, evaluate=evaluate_fn,
+                     eval_every=cfg.eval.every, final_step=steps, last_eval=last_eval)
     state = _train_stage(loop, state)
   bar.close()
 
@@ -183,6 +209,8 @@ def train(config, workdir: str) -> dict:
       "compile_and_first_step_sec": next(
           (h["compile_and_first_step_sec"] for h in history if h.get("first_of_stage")), None),
   }
+  if last_eval:
+    summary["eval"] = last_eval
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
   if lead:
@@ -223,6 +251,9 @@ def _train_stage(loop: StageLoop, state):
       logging.info("step %d stage %d T=%d loss %.4f lr %.2e %.0f tok/s", step, stage.index,
                    stage.seq_len, loss, record["lr"], record["tokens_per_sec"])
       window_start, window_tokens = time.perf_counter(), 0
+    if loop.evaluate is not None and (step % loop.eval_every == 0 or step == loop.final_step):
+      _evaluate_during_training(loop, step, state)
+      window_start = time.perf_counter()  # the evaluation's time is not training throughput
     if ckpt is not None:
       stop = ckpt.preempted
       ckpt.save(step, state, data_state={"stage": stage.index, "data": run.data.train_state()},
@@ -233,6 +264,18 @@ def _train_stage(loop: StageLoop, state):
         logging.warning("stopped by a signal after step %d; the checkpoint is saved", step)
         raise SystemExit(1)
   return state
+
+
+def _evaluate_during_training(loop: StageLoop, step: int, state) -> None:
+  """config.eval's tasks on the current parameters, logged at `step` (single-process runs:
+  see _eval_wanted)."""
+  began = time.perf_counter()
+  scalars = loop.evaluate(step, loop.run.model, state.params)
+  scalars["eval/seconds"] = time.perf_counter() - began
+  loop.writer.write(step, scalars)
+  loop.last_eval.clear()
+  loop.last_eval.update(scalars)
+  logging.info("step %d eval %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
 
 def _batch_placer(mesh, rules, columns=slice(None)):
