@@ -66,4 +66,15 @@ def get_config():
       init_from="",                  # a ctxjax workdir: start from its parameters only
       init_from_hf="",               # a Hugging Face LLaMA directory: start from its weights
   ))
+  # In-training evaluation (ctxjax/eval/during_training.py, docs/evaluation.md): off at every=0.
+  # E.g. --config.eval.every=100 scores perplexity and passkey retrieval at 256 and 512 tokens
+  # every 100 steps into metrics.jsonl / TensorBoard as eval/ppl@256, eval/passkey@512, ...
+  config.eval = ml_collections.ConfigDict(dict(
+      every=0,                       # steps between evaluations (and after the last); 0 = off
+      tasks=("ppl", "passkey"),      # any of ppl, passkey, needle, ruler
+      lengths=(),                    # () = data.seq_len and twice it
+      depths=(0.0, 0.5, 1.0),        # needle depths of the retrieval tasks
+      samples=1,                     # prompts per (length, depth)
+      max_tokens=4096,               # ppl: scored tokens per length
+  ))
   return config
