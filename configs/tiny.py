@@ -75,6 +75,6 @@ def get_config():
       lengths=(),                    # () = data.seq_len and twice it
       depths=(0.0, 0.5, 1.0),        # needle depths of the retrieval tasks
       samples=1,                     # prompts per (length, depth)
-      max_tokens=4096,               # ppl: scored tokens per length
+      max_tokens=4096,               # ppl: scored tokens per held-out source and length
   ))
   return config

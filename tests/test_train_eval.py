@@ -124,3 +124,18 @@ def test_a_length_too_short_for_the_prompt_fails_before_training():
   with pytest.raises(ValueError, match=r"^config.eval.lengths: 16 is too short for passkey"):
     make_evaluator(EvalConfig(every=1, lengths=(16,)), data_cfg=data_config(config["data"]),
                    model_cfg=model_config_from_dict(config["model"]), train_length=256)
+
+
+def test_retrieval_tasks_need_a_model_that_decodes_with_a_cache():
+  from ctxjax.data.config import data_config
+  from ctxjax.eval.during_training import make_evaluator
+  from ctxjax.model import model_config_from_dict
+  from ctxjax.train.config import EvalConfig
+  config = _tiny()
+  config["model"].update(attention_mode="dilated", attention_impl="blockwise")
+  config["model"]["attention_options"] = dict(segment_lengths=[128, 256], dilation_rates=[1, 2])
+  model_cfg = model_config_from_dict(config["model"])
+  with pytest.raises(ValueError, match=r"^config.eval.tasks: passkey generate text, but "
+                                       r"model.attention_mode='dilated'"):
+    make_evaluator(EvalConfig(every=1), data_cfg=data_config(config["data"]),
+                   model_cfg=model_cfg, train_length=256)

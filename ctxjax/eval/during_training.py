@@ -12,7 +12,7 @@ as the data sources load it), the texts the held-out documents of the run's corp
 (ctxjax/eval/run.py's held_out). Scalars:
 
   eval/ppl@L        perplexity over every held-out source at length L (non-overlapping
-                    windows, at most `max_tokens` scored tokens; ctxjax/eval/perplexity.py)
+                    windows, at most `max_tokens` scored tokens per source; perplexity.py)
   eval/<task>@L     the task's mean score over depths and samples at length L (passkey,
                     needle, and for `ruler` niah_single / multikey / multivalue / multiquery;
                     ctxjax/eval/retrieval.py)
@@ -33,6 +33,7 @@ from ctxjax.data import sources
 from ctxjax.eval import perplexity, retrieval
 from ctxjax.eval.generation import generate
 from ctxjax.eval.run import EvalInputError, Run, check_lengths, held_out
+from ctxjax.model import cached_attention
 from ctxjax.registry import Registry
 
 # config.eval.tasks -> the retrieval tasks / "ppl" each runs (as `python -m ctxjax.evaluate`).
@@ -86,6 +87,11 @@ def make_evaluator(eval_cfg, *, data_cfg, model_cfg, train_length: int,
                             ) if grid else []
   except EvalInputError as e:
     raise ValueError(f"config.eval: {str(e).replace('--lengths', 'eval.lengths')}") from None
+  if grid:
+    try:
+      cached_attention.check_cacheable(model_cfg)
+    except ValueError as e:
+      raise ValueError(f"config.eval.tasks: {', '.join(grid)} generate text, but {e}") from None
   source = Run(name="train", model=None, variables=None, tokenizer=tokenizer,
                train_length=train_length, data_cfg=dataclasses.asdict(data_cfg))
   docs, haystack = held_out(source)

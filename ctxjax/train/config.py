@@ -121,7 +121,7 @@ class EvalConfig:
   lengths: tuple = setting((), kind=tuple, check=_positive_ints)  # () = seq_len and 2x seq_len
   depths: tuple = setting((0.0, 0.5, 1.0), kind=tuple, check=_fractions)  # needle depths
   samples: int = setting(1, kind=int, check=positive)     # prompts per (length, depth) cell
-  max_tokens: int = setting(4096, kind=int, check=positive)  # ppl: scored tokens per length
+  max_tokens: int = setting(4096, kind=int, check=positive)  # ppl: tokens per source, length
   seed: int = setting(0, kind=int)                        # of the synthetic prompts
 
 

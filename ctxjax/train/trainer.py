@@ -252,8 +252,8 @@ def _train_stage(loop: StageLoop, state):
                    stage.seq_len, loss, record["lr"], record["tokens_per_sec"])
       window_start, window_tokens = time.perf_counter(), 0
     if loop.evaluate is not None and (step % loop.eval_every == 0 or step == loop.final_step):
-      _evaluate_during_training(loop, step, state)
-      window_start = time.perf_counter()  # the evaluation's time is not training throughput
+      # the evaluation's time is not training time: the throughput window skips it
+      window_start += _evaluate_during_training(loop, step, state)
     if ckpt is not None:
       stop = ckpt.preempted
       ckpt.save(step, state, data_state={"stage": stage.index, "data": run.data.train_state()},
@@ -266,9 +266,9 @@ def _train_stage(loop: StageLoop, state):
   return state
 
 
-def _evaluate_during_training(loop: StageLoop, step: int, state) -> None:
+def _evaluate_during_training(loop: StageLoop, step: int, state) -> float:
   """config.eval's tasks on the current parameters, logged at `step` (single-process runs:
-  see _eval_wanted)."""
+  see _eval_wanted); returns the seconds it took."""
   began = time.perf_counter()
   scalars = loop.evaluate(step, loop.run.model, state.params)
   scalars["eval/seconds"] = time.perf_counter() - began
@@ -276,6 +276,7 @@ def _evaluate_during_training(loop: StageLoop, step: int, state) -> None:
   loop.last_eval.clear()
   loop.last_eval.update(scalars)
   logging.info("step %d eval %s", step, " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+  return scalars["eval/seconds"]
 
 
 def _batch_placer(mesh, rules, columns=slice(None)):
