@@ -1,0 +1,70 @@
+# The tiny model of configs/tiny.py trained at 256 tokens on the demo corpus with passkey
+# prompts (Mohtashami & Jaggi 2023, ctxjax/data/synthetic.py) mixed in, so that it learns to
+# retrieve the key at its training length and `python -m ctxjax.evaluate` can show it.
+#
+# COMMAND:   python -m configs.tiny_passkey      # once: writes and prepares the corpus
+#            python -m ctxjax.train --config=configs/tiny_passkey.py --workdir=runs/passkey
+#            python -m ctxjax.evaluate --workdir=runs/passkey --tasks=ppl,passkey \
+#              --lengths=128,256,512,1024 --depths=0,0.25,0.5,0.75,1 --samples=4
+# HARDWARE:  2 CPU cores; see EXPECTED for the time.
+# EXPECTED:  (measured, see docs/evaluation.md "A worked example").
+#
+# The corpus (prepared once under $CTXJAX_DATA_DIR or ~/.cache/ctxjax, as a tfds dataset of
+# ctxjax/data/tfds_jsonl.py): train = the demo corpus' training documents plus NUM_SAMPLES
+# passkey prompts + answers of 112..250 tokens (so most fit in one 256-token row) at uniform
+# depths; validation = the demo corpus' held-out documents only, so the trainer's eval_loss and
+# the evaluation's perplexity are on demo text, comparable with configs/tiny.py.
+import os
+
+from configs import tiny
+
+CORPUS = "tiny_passkey_v1"       # a changed recipe needs a new name (tfds reuses a prepared one)
+NUM_SAMPLES = 20000              # ~3.6M passkey tokens next to ~2.6M demo training tokens
+PASSKEY_LENGTHS = range(112, 251)  # prompt tokens; 111 is the shortest passkey prompt
+
+
+def data_dir() -> str:
+  from ctxjax.data import corpus  # noqa: PLC0415
+  return corpus.default_data_dir()
+
+
+def get_config():
+  config = tiny.get_config()
+  config.data.name = "mixture"
+  config.data.tfds_name = f"jsonl_corpus/{CORPUS}:1.0.0"
+  config.data.tfds_data_dir = data_dir()
+  config.data.tfds_text_feature = "text"
+  config.data.tfds_source_feature = "source"  # code / docs / legal / synthetic_passkey
+  config.data.tfds_eval_split = "validation"
+  config.data.tokenizer = ""                  # the demo tokenizer (model.vocab_size pieces)
+  config.data.mixture = None
+  config.data.shuffle_seed = None
+  config.train.steps = 400
+  config.train.save_every = 100
+  return config
+
+
+def build_corpus(num_samples: int = NUM_SAMPLES, seed: int = 0) -> str:
+  """Writes the train / validation JSONL and prepares them as tfds `CORPUS`; returns its dir."""
+  from ctxjax.data import corpus, demo, synthetic, tfds_jsonl  # noqa: PLC0415
+  from ctxjax.data import tokenizer as tokenizer_lib  # noqa: PLC0415
+  root = data_dir()
+  tok = tokenizer_lib.ensure_demo_tokenizer(root, tiny.get_model_config().vocab_size)
+  docs = list(corpus.read_jsonl(corpus.ensure_demo_corpus(root)))
+  held = set(demo.validation_documents([s for _, s in docs]).tolist())
+  out = os.path.join(root, CORPUS)
+  os.makedirs(out, exist_ok=True)
+  rows = lambda idx: ({"text": docs[i][0], "meta": {"redpajama_set_name": docs[i][1]}}
+                      for i in idx)
+  passkeys = synthetic.synthetic_records(tok, "passkey", num_samples=num_samples,
+                                         lengths=PASSKEY_LENGTHS, seed=seed)
+  train, valid = os.path.join(out, "train.jsonl"), os.path.join(out, "validation.jsonl")
+  train_idx = [i for i in range(len(docs)) if i not in held]
+  synthetic.write_jsonl(train, (r for part in (rows(train_idx), passkeys) for r in part))
+  synthetic.write_jsonl(valid, rows(sorted(held)))
+  tfds_jsonl.build_jsonl_corpus(CORPUS, [train], data_dir=root, validation_files=[valid])
+  return tfds_jsonl.dataset_dir(CORPUS, root)
+
+
+if __name__ == "__main__":
+  print(f"prepared {build_corpus()}")
