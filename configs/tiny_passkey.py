@@ -1,11 +1,11 @@
-# The tiny model of configs/tiny.py trained at 256 tokens on the demo corpus with passkey
-# prompts (Mohtashami & Jaggi 2023, ctxjax/data/synthetic.py) mixed in, so that it learns to
-# retrieve the key at its training length and `python -m ctxjax.evaluate` can show it.
+# A 2-layer version of configs/tiny.py (same tokenizer and optimizer) trained at 256 tokens on
+# the demo corpus with passkey prompts (Mohtashami & Jaggi 2023, ctxjax/data/synthetic.py)
+# mixed in, to learn retrieval at its training length; `python -m ctxjax.evaluate` shows it.
 #
 # COMMAND:   python -m configs.tiny_passkey      # once: writes and prepares the corpus
 #            python -m ctxjax.train --config=configs/tiny_passkey.py --workdir=runs/passkey
 #            python -m ctxjax.evaluate --workdir=runs/passkey --tasks=ppl,passkey \
-#              --lengths=128,256,512,1024 --depths=0,0.25,0.5,0.75,1 --samples=4
+#              --lengths=128,256,512,1024 --depths=0,0.25,0.5,0.75,1 --samples=4 --batch_size=20
 # HARDWARE:  2 CPU cores; see EXPECTED for the time.
 # EXPECTED:  measured 2026-12-05 (2 loaded CPU cores, 19 min, ~4.7K tokens/s): eval_loss 4.33;
 #            passkey accuracy 0.00 at 256 (digits right, order wrong), 0.25 at 128: the model
