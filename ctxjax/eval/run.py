@@ -119,10 +119,10 @@ def held_out(run: Run, max_docs_per_source: int | None = None
   as one source "eval"."""
   from ctxjax.data import corpus as corpus_lib  # noqa: PLC0415
   from ctxjax.data import demo, sources  # noqa: PLC0415
-  from ctxjax.data.config import data_config  # noqa: PLC0415
   cfg = run.data_cfg
   if any(cfg.get(k) for k in sources.CORPORA):
-    _, _, docs = sources.load_documents(data_config(cfg), run.tokenizer)
+    import ml_collections  # noqa: PLC0415  (the loaders read data_cfg.<key>, as in training)
+    _, _, docs = sources.load_documents(ml_collections.ConfigDict(cfg), run.tokenizer)
     docs = docs[:max_docs_per_source]
     return {"eval": docs}, [run.tokenizer.decode(d.tolist()) for d in docs]
   jsonl = corpus_lib.ensure_demo_corpus(cfg.get("data_dir") or None)
