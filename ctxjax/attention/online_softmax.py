@@ -159,7 +159,7 @@ def merge_partials(partials):
   lse_N = jnp.stack([lse.astype(_F32) for _, lse in partials])
   top = lax.stop_gradient(jnp.max(lse_N, axis=0))  # a pure shift: cancels exactly
   top = jnp.where(jnp.isfinite(top), top, 0.0)
-  e_N = jnp.where(jnp.isneginf(lse_N), 0.0, jnp.exp(lse_N - top))
+  e_N = jnp.where(jnp.isneginf(lse_N), 0.0, jnp.exp(lse_N - top[None]))
   total = e_N.sum(axis=0)
   seen = total > 0
   safe = jnp.where(seen, total, 1.0)

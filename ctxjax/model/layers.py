@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
                        (x_BTE.shape[-1],), self.cfg.weight_dtype)
     x = x_BTE.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
-    return (x * scale.astype(jnp.float32)).astype(self.cfg.compute_dtype)
+    scale_11E = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
+    return (x * scale_11E).astype(self.cfg.compute_dtype)
 
 
 class Mlp(nn.Module):

@@ -46,6 +46,7 @@ def pose_positions_from(length: int, split, skip) -> jax.Array:
   idx_L = jnp.arange(length, dtype=jnp.int32)
   split = jnp.asarray(split, dtype=jnp.int32)[..., None]
   skip = jnp.asarray(skip, dtype=jnp.int32)[..., None]
+  idx_L = idx_L.reshape((1,) * (split.ndim - 1) + (length,))  # [L] or [1, L] like split
   return idx_L + jnp.where(idx_L >= split, skip, 0)
 
 

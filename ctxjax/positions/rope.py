@@ -389,7 +389,8 @@ def apply_rope(x_BTHD: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
   if inv_freq.shape != (half,):
     raise ValueError(f"inv_freq shape {inv_freq.shape} != (head_dim//2,) = ({half},)")
   # Angles in float32: bf16 positions are exact only up to 256.
-  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+  inv_freq_11F = inv_freq.astype(jnp.float32).reshape((1,) * positions_BT.ndim + (half,))
+  angles_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq_11F
   af = jnp.asarray(attention_factor, jnp.float32)
   cos_BT1F = (jnp.cos(angles_BTF) * af)[:, :, None, :]
   sin_BT1F = (jnp.sin(angles_BTF) * af)[:, :, None, :]

@@ -38,7 +38,8 @@ def _rotate_half(x):
 
 def _rope_scaled(x_BTND, pos_BT, inv_I, scale_BTI):
   """Rotate-half RoPE of x at pos, each pair i (i, i+d/2) multiplied by scale_BTI[..., i]."""
-  ang_BTI = pos_BT.astype(jnp.float32)[..., None] * inv_I  # float32 angles
+  inv_11I = inv_I.reshape((1,) * pos_BT.ndim + inv_I.shape)
+  ang_BTI = pos_BT.astype(jnp.float32)[..., None] * inv_11I  # float32 angles
   cos_BTD = jnp.concatenate([jnp.cos(ang_BTI) * scale_BTI] * 2, axis=-1)
   sin_BTD = jnp.concatenate([jnp.sin(ang_BTI) * scale_BTI] * 2, axis=-1)
   x = x_BTND.astype(jnp.float32)
@@ -67,11 +68,12 @@ def apply_xpos(q_BTHD, k_BSKD, q_positions_BT, k_positions_BS, *, inv_freq,
   c = jnp.asarray(center)
   c = c[:, None] if c.ndim == 1 else c  # [B] -> [B, 1]
   log_zeta_I = jnp.log(jnp.asarray(xpos_zeta(head_dim, gamma)))
+  log_zeta_11I = log_zeta_I.reshape((1, 1, -1))
   # Relative offsets in integers (exact), then float32 exponents.
   q_exp_BT = (q_pos_BT - c).astype(jnp.float32) / scale_base
   k_exp_BS = -(k_pos_BS - c).astype(jnp.float32) / scale_base
-  q_scale_BTI = jnp.exp(q_exp_BT[..., None] * log_zeta_I)
-  k_scale_BSI = jnp.exp(k_exp_BS[..., None] * log_zeta_I)
+  q_scale_BTI = jnp.exp(q_exp_BT[..., None] * log_zeta_11I)
+  k_scale_BSI = jnp.exp(k_exp_BS[..., None] * log_zeta_11I)
   q_out = _rope_scaled(q_BTHD, q_pos_BT, inv_I, q_scale_BTI).astype(q_BTHD.dtype)
   k_out = _rope_scaled(k_BSKD, k_pos_BS, inv_I, k_scale_BSI).astype(k_BSKD.dtype)
   return q_out, k_out
