@@ -77,9 +77,10 @@ def init_cache(cfg, batch: int, capacity: int, *, n_first: int = 0, dtype=None) 
   dtype = dtype or cfg.compute_dtype
   shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
   if cfg.scan_layers:
-    k = v = jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
-  else:
-    k = v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+    k, v = (jnp.zeros((cfg.num_hidden_layers, *shape), dtype) for _ in range(2))
+  else:  # separate buffers: each is updated in place (and may be donated)
+    k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+            for _ in range(2))
   zeros = jnp.zeros((batch, capacity), jnp.int32)
   return KVCache(k=k, v=v, positions=zeros, valid=zeros, length=jnp.zeros((batch,), jnp.int32),
                  n_first=n_first)
