@@ -88,6 +88,8 @@ def main():
   torch_model = _hf_tiny(tmp, max(lengths) + new)
   model, variables = hf.load(tmp)
   sinks = Transformer(dataclasses.replace(model.cfg, attention_pattern=make_pattern(**SINKS)))
+  cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name'"], capture_output=True,
+                       text=True).stdout.strip()
   rows = []
   for length in lengths:
     prompt = np.random.default_rng(length).integers(0, model.cfg.vocab_size, (1, length))
@@ -136,16 +138,18 @@ def main():
           f"(hf {row['hf_cache_mib']:.2f}, sinks {row['sinks_cache_mib']:.2f}) | prefill s "
           f"{row['ctxjax_prefill_s']:.3f} vs {row['hf_prefill_s']:.3f} | same tokens {same}",
           flush=True)
-  cpu = subprocess.run(["bash", "-c", "lscpu | grep 'Model name'"], capture_output=True,
-                       text=True).stdout.strip()
+    _write(args.out, cpu, rows, torch.__version__)  # per length: a stopped run keeps its rows
+  print(f"{cpu}; wrote {args.out}")
+
+
+def _write(path, cpu, rows, torch_version):
   result = dict(date=datetime.datetime.now().isoformat(timespec="minutes"), cpu=cpu,
                 cores=os.cpu_count(), platform=platform.platform(), jax=jax.__version__,
-                torch=torch.__version__, rows=rows,
+                torch=torch_version, rows=rows,
                 target="ctxjax decode tokens/s >= 2x transformers at every length")
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
     json.dump(result, f, indent=1)
-  print(f"{cpu}; wrote {args.out}")
 
 
 if __name__ == "__main__":
