@@ -2,7 +2,7 @@
 # SLURM launcher for GPU clusters: one ctxjax process per node (each drives all of its GPUs),
 # joined by jax.distributed with the allocation's first node as coordinator.
 #
-#   sbatch --nodes=2 launch/slurm.sh --config=configs/llama2_7b_8xh100.py --workdir=/shared/runs/x \
+#   sbatch --nodes=2 launch/slurm.sh --config=configs/llama2_7b_8xh100.py --workdir=/mnt/runs/x \
 #       [--config.train.steps=10 ...]
 #   bash launch/slurm.sh --dry-run --config=... --workdir=...   # print the commands, run nothing
 #

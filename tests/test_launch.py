@@ -280,7 +280,7 @@ def _slurm(tmp_path, args, path=None, **env):
                         timeout=60, cwd=tmp_path)
 
 
-ARGS = ["--config=configs/llama2_7b_8xh100.py", "--workdir=/shared/runs/7b 80k", TRICKY]
+ARGS = ["--config=configs/llama2_7b_8xh100.py", "--workdir=/mnt/runs/7b 80k", TRICKY]
 TASK = ('cd "$1" && python=$2 && shift 2 && exec "$python" -m ctxjax.train '
         '--process_id="$SLURM_PROCID" "$@"')
 
