@@ -14,22 +14,11 @@ transformers = pytest.importorskip("transformers")
 from ctxjax import hf  # noqa: E402
 from ctxjax.eval import generate  # noqa: E402
 from ctxjax.model import kv_cache  # noqa: E402
+from test_hf import ORIG, ROPES as HF_ROPES  # noqa: E402  (the parity tests' rope table)
 
 torch.set_num_threads(1)
 transformers.logging.set_verbosity_error()
-ORIG = 32
 TOL = 1e-4
-ROPES = {
-    "default": None,
-    "linear": {"rope_type": "linear", "factor": 4.0},
-    "dynamic": {"rope_type": "dynamic", "factor": 4.0},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": ORIG},
-    "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": ORIG},
-    "longrope": {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0, 2.5],
-                 "long_factor": [1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0],
-                 "original_max_position_embeddings": ORIG},
-}
 NEW = 12
 
 
@@ -73,6 +62,9 @@ def _step_logits(model, variables, prompt, tokens):
                          np.full((batch, 1), plen + i, np.int32), cache)
     out.append(np.asarray(logits[:, 0]))
   return np.stack(out, axis=1)
+
+
+ROPES = {k: v for k, v in HF_ROPES.items() if k != "rope_theta"}  # ABF = default here
 
 
 @pytest.mark.parametrize("name", sorted(ROPES))

@@ -122,7 +122,6 @@ def plan(cache: KVCache, positions_BT, segment_ids_BT) -> Plan:
   latest = n_B1 - 1 - jnp.remainder(n_B1 - 1 - j_C, cache.n_last)
   source = jnp.where(j_C < cache.n_first, jnp.where(j_C < n_B1, j_C, -1),
                      jnp.where(latest >= cache.n_first, latest, -1))
-  source = jnp.where(source < length, source, -1)
   safe = jnp.clip(source, 0, length - 1)
   valid = (source >= 0).astype(jnp.int32)
   return Plan(prefill=True, slot=None, source=source,
