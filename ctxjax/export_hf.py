@@ -7,6 +7,8 @@ Reads a training run's workdir (`python -m ctxjax.train`: the newest orbax check
 in WORKDIR/hf_import/); `read_workdir` is the one place that knows these layouts. LoRA adapters
 (LongLoRA) are merged into the kernels and a quantized base (LongQLoRA) is dequantized; with
 --tokenizer_model, tokenizer_config.json is written too (AutoTokenizer loads the directory).
+--out lies outside --workdir and is new, empty or (with --overwrite) a previous export: any
+other directory is refused before anything is read (`check_out`), never deleted.
 """
 from __future__ import annotations
 
@@ -25,12 +27,31 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "ctxjax workdir (a training run's, or import_hf's).")
   flags.DEFINE_integer("step", None, "Checkpoint step of a training run (default: newest).")
   flags.DEFINE_string("out", None, "Output Hugging Face directory.")
-  flags.DEFINE_bool("overwrite", False, "Replace a non-empty --out.")
+  flags.DEFINE_bool("overwrite", False, "Replace a previous Hugging Face export at --out "
+                    "(any other non-empty directory is refused).")
   flags.DEFINE_string("tokenizer_model", None, "sentencepiece model to copy as tokenizer.model.")
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
                     "dtype of the written weights (default: the model's param_dtype).")
   flags.DEFINE_integer("max_shard_bytes", 5 * 10**9, "Largest safetensors shard, in bytes.")
   flags.mark_flags_as_required(["workdir", "out"])
+
+
+def check_out(workdir: str, out: str, overwrite: bool = False) -> None:
+  """Refuse, before reading anything, an --out that is --workdir, inside it or above it (the
+  export would replace the run), or that holds anything but a previous export (hf.check_target:
+  a directory is replaced only when it is one, and only with --overwrite)."""
+  from ctxjax import hf  # noqa: PLC0415
+
+  run, target = os.path.realpath(workdir), os.path.realpath(out)
+  common = os.path.commonpath([run, target])
+  if common in (run, target):
+    where = "is" if run == target else "is inside" if common == run else "contains"
+    raise ValueError(f"--out={out} {where} --workdir={workdir}: the export would replace the "
+                     "run; choose an --out outside it")
+  try:
+    hf.check_target(out, overwrite=overwrite)
+  except FileExistsError as err:  # a user error of the command line: ValueError, named flag
+    raise ValueError(f"--out: {err}") from None
 
 
 def read_workdir(workdir: str, step: int | None = None):
@@ -101,6 +122,7 @@ def main(argv):
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   f = flags.FLAGS
+  check_out(f.workdir, f.out, f.overwrite)
   model, variables, token_ids = read_workdir(f.workdir, f.step)
   hf.save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
           max_shard_bytes=f.max_shard_bytes, dtype=f.dtype, token_ids=token_ids)

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 from contextlib import ExitStack
@@ -52,6 +53,13 @@ _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bf
 # Tensors some checkpoints carry that hold no weights (old rotary buffers): skipped on load.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+# The files of a Hugging Face model directory (`save`, transformers' save_pretrained of a model
+# and its tokenizer): a directory holding only these, config.json and weights among them, is a
+# previous export that save(overwrite=True) may replace. Anything else is somebody's data.
+_EXPORT_FILE = re.compile(r"(config|generation_config|tokenizer|tokenizer_config|"
+                          r"special_tokens_map|added_tokens)\.json|tokenizer\.model|"
+                          r"chat_template\.jinja|model(-\d+-of-\d+)?\.safetensors|"
+                          r"model\.safetensors\.index\.json")
 
 
 # --- load ------------------------------------------------------------------------------------
@@ -223,6 +231,29 @@ def _hf_tensors(model: Transformer, params: dict, dtype: str):
   return out
 
 
+def check_target(path, *, overwrite: bool = False) -> None:
+  """Refuse `path` as save's target unless it is absent, an empty directory, or (overwrite)
+  a previous Hugging Face export: config.json, weights and tokenizer files only. Replacing
+  anything else (a training workdir, a directory above one, ...) would delete data."""
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise FileExistsError(f"{path} exists and is not a directory")
+  entries = sorted(os.listdir(path)) if path.is_dir() else []
+  if not entries:
+    return
+  other = [e for e in entries if not (_EXPORT_FILE.fullmatch(e) and (path / e).is_file())]
+  if other or "config.json" not in entries or not any(e.endswith(".safetensors")
+                                                      for e in entries):
+    shown = (other or entries)[:4]
+    raise FileExistsError(
+        f"{path} is not a Hugging Face export (it holds {', '.join(shown)}"
+        f"{', ...' if len(other or entries) > 4 else ''}) and is never replaced; "
+        "choose a new or empty output directory")
+  if not overwrite:
+    raise FileExistsError(f"{path} holds a Hugging Face export; pass overwrite=True "
+                          "(--overwrite) to replace it")
+
+
 def save(model: Transformer, variables, path, *, overwrite: bool = False,
          tokenizer_model=None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
          dtype: str | None = None, token_ids: Mapping[str, int] | None = None) -> None:
@@ -231,8 +262,8 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
   Writes config.json (hf_config_from), generation_config.json, model.safetensors (or
   model-0000k-of-0000n.safetensors shards of at most max_shard_bytes + index) in `dtype`
   (default the model's param_dtype), and tokenizer.model when given. Everything is written
-  into a temporary sibling directory and renamed into place; a non-empty `path` is an error
-  unless overwrite=True. token_ids: bos/eos/pad ids for the configs (default: ctxjax's
+  into a temporary sibling directory and renamed into place. A non-empty `path` is an error
+  unless it is a previous export and overwrite=True (check_target). token_ids: bos/eos/pad ids for the configs (default: ctxjax's
   tokenizer, DEFAULT_TOKEN_IDS).
   """
   from safetensors.numpy import save_file  # noqa: PLC0415 (optional dependency)
@@ -247,10 +278,7 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
     raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
   hf_config = hf_config_from(dataclasses.replace(cfg, param_dtype=dtype), token_ids)
   path = pathlib.Path(path)
-  if path.exists() and not path.is_dir():
-    raise FileExistsError(f"{path} exists and is not a directory")
-  if path.is_dir() and any(path.iterdir()) and not overwrite:
-    raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
+  check_target(path, overwrite=overwrite)
   if tokenizer_model is not None and not pathlib.Path(tokenizer_model).is_file():
     raise FileNotFoundError(f"tokenizer_model {tokenizer_model} not found")
 

@@ -395,11 +395,17 @@ def test_error_non_empty_out_dir_and_atomic_overwrite(tmp_path, saved_fp32):
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("x")
-  with pytest.raises(FileExistsError, match="not empty"):
-    hf.save(model, variables, out)
+  for overwrite in (False, True):  # only a previous export is ever replaced
+    with pytest.raises(FileExistsError, match="not a Hugging Face export"):
+      hf.save(model, variables, out, overwrite=overwrite)
   assert sorted(os.listdir(out)) == ["keep.txt"]
+  (out / "keep.txt").unlink()
+  hf.save(model, variables, out)
+  (out / "tokenizer.model").write_text("stale")
+  with pytest.raises(FileExistsError, match="holds a Hugging Face export; pass overwrite"):
+    hf.save(model, variables, out)
   hf.save(model, variables, out, overwrite=True)
-  assert "keep.txt" not in os.listdir(out) and (out / "model.safetensors").exists()
+  assert "tokenizer.model" not in os.listdir(out) and (out / "model.safetensors").exists()
   assert sorted(os.listdir(tmp_path)) == ["out"]  # no temp dirs left behind
   with pytest.raises(ValueError, match="variables do not match"):
     hf.save(model, {"params": {"embed_tokens": variables["params"]["embed_tokens"]}},

@@ -25,6 +25,7 @@ class TrainConfig:
   eval_batches: int = setting(kind=int, check=nonnegative)
   seed: int = setting(kind=int)
   save_every: int = setting(0, kind=int, check=nonnegative)   # 0 = no checkpoints
+  # the newest this many are kept; >= 1 (save_every=0 is the one way to have no checkpoints)
   keep_checkpoints: int = setting(3, kind=int, check=positive)
   async_checkpoints: bool = setting(True, kind=bool)
   grad_accum_steps: int = setting(1, kind=int, check=positive)  # micro-batches per step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from ctxjax.data.settings import coerce
 from ctxjax.train.config import OptimConfig
@@ -11,11 +12,18 @@ from ctxjax.train.trainable import only_trainable
 
 
 def learning_rate_schedule(optim_cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup to `learning_rate`, then decay to `learning_rate * min_lr_ratio`."""
+  """Linear warmup to `learning_rate`, then decay to `learning_rate * min_lr_ratio`. A warmup
+  longer than the run is clamped to the run (a recipe's warmup must not stop a short run,
+  e.g. a smoke test with train.steps=20 of a recipe warming up over 30)."""
   optim_cfg = coerce(OptimConfig, optim_cfg, "optim")
   peak, warmup, kind = optim_cfg.learning_rate, optim_cfg.warmup_steps, optim_cfg.schedule
-  if not 0 <= warmup <= total_steps:
-    raise ValueError(f"optim.warmup_steps must lie in [0, total steps={total_steps}], got {warmup}")
+  if warmup < 0:
+    raise ValueError(f"optim.warmup_steps must be a non-negative integer, got {warmup}")
+  if warmup > total_steps:
+    logging.warning("optim.warmup_steps=%d is more than the run's %d steps: warming up over "
+                    "all %d (set optim.warmup_steps to at most %d to choose)", warmup,
+                    total_steps, total_steps, total_steps)
+    warmup = total_steps
   floor = peak * optim_cfg.min_lr_ratio
   decay_steps = max(total_steps - warmup, 1)
   if kind == "cosine":

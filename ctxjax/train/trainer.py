@@ -134,9 +134,6 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   stage_cfgs = [_stage_model_config(cfg, s) for s in all_stages]  # validate all up front
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0  # metrics and summaries are written once
-  if lead:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
 
   steps = stages_lib.total_steps(all_stages)
   tx, schedule = make_optimizer(cfg.optim, steps)  # one schedule across all stages
@@ -165,6 +162,13 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
       if saved.get("stage") == stages_lib.stage_of(all_stages, start).index:
         data_state = saved["data"]
       logging.info("resumed from %s at step %d", ckpt.directory, start - 1)
+  previous = _nothing_to_train(workdir, start - 1, steps)
+  if previous is not None:
+    ckpt.close()
+    return previous
+  if lead:  # only now: a refused resume leaves the run's config.json as it was
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
   if start == 1:  # a fresh run (not a resume) may start from other parameters
     state = state.replace(params=initial_params(cfg.train, state.params,
                                                 state_shardings.params, stage_cfgs[0]))
@@ -217,6 +221,25 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
   return summary
+
+
+def _nothing_to_train(workdir: str, done: int, steps: int) -> dict | None:
+  """The run's previous summary (or {}) when its checkpoint is at step `done` >= train.steps:
+  no step is left to take, so its records (config.json, metrics.jsonl, summary.json) stay as
+  they were (a step-`done` model's eval is never logged under step `steps`). None when there
+  are steps to take, or when a finished run lacks its summary (stopped after its last
+  checkpoint): its eval and summary.json are then written as usual."""
+  path = os.path.join(workdir, "summary.json")
+  if done < steps or (done == steps and not os.path.exists(path)):
+    return None
+  logging.warning("nothing to train: the checkpoint in %s is at step %d, %s train.steps=%d; "
+                  "config.json, metrics.jsonl and summary.json are left as they were (raise "
+                  "train.steps to train on)", workdir, done,
+                  "at" if done == steps else "past", steps)
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
 
 
 def _train_stage(loop: StageLoop, state):
