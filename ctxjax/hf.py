@@ -263,8 +263,8 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
   model-0000k-of-0000n.safetensors shards of at most max_shard_bytes + index) in `dtype`
   (default the model's param_dtype), and tokenizer.model when given. Everything is written
   into a temporary sibling directory and renamed into place. A non-empty `path` is an error
-  unless it is a previous export and overwrite=True (check_target). token_ids: bos/eos/pad ids for the configs (default: ctxjax's
-  tokenizer, DEFAULT_TOKEN_IDS).
+  unless it is a previous export and overwrite=True (check_target). token_ids: bos/eos/pad
+  ids for the configs (default: ctxjax's tokenizer, DEFAULT_TOKEN_IDS).
   """
   from safetensors.numpy import save_file  # noqa: PLC0415 (optional dependency)
 

@@ -90,6 +90,7 @@ def test_a_warmup_longer_than_the_run_is_clamped_with_a_warning(steps, caplog):
 def test_the_short_run_trained_under_the_clamped_warmup(run):
   _, workdir, summary = run
   assert summary["steps"] == STEPS and summary["final_train_loss"] is not None
+  assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == STEPS
   lrs = [json.loads(l)["lr"] for l in open(workdir / "metrics.jsonl") if '"lr"' in l]
   assert len(lrs) == STEPS and lrs[-1] == pytest.approx(3e-3)  # the peak, at the last step
 
@@ -135,7 +136,8 @@ def test_a_refused_resume_leaves_the_records_as_they_were(run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("steps, word", [(STEPS - 2, "past"), (STEPS, "at")])
+@pytest.mark.parametrize("steps, word", [(STEPS - 2, f"past train.steps={STEPS - 2}"),
+                                         (STEPS, f"the train.steps={STEPS} of a finished run")])
 def test_a_resume_with_nothing_to_train_says_so_and_writes_nothing(run, tmp_path, caplog,
                                                                    steps, word):
   data_dir, workdir, summary = run
@@ -143,10 +145,22 @@ def test_a_resume_with_nothing_to_train_says_so_and_writes_nothing(run, tmp_path
   before = _tree(workdir)
   with caplog.at_level(logging.WARNING):
     got = train(_config(data_dir, steps=steps), str(workdir))
-  assert f"nothing to train: the checkpoint in {workdir} is at step {STEPS}, {word} " \
-         f"train.steps={steps}" in caplog.text
+  assert f"nothing to train: the checkpoint in {workdir} is at step {STEPS}, {word}; " \
+         "config.json, metrics.jsonl and summary.json are left as they were" in caplog.text
   assert got == json.loads(json.dumps(summary))  # the run's summary, as it was
   assert _tree(workdir) == before  # no eval of step 4 logged under step 2, no new summary
+
+
+@pytest.mark.slow
+def test_a_finished_run_stopped_before_its_summary_still_gets_it(run, tmp_path):
+  data_dir, workdir, summary = run
+  workdir = _copy(workdir, tmp_path)
+  (workdir / "summary.json").unlink()  # e.g. preempted right after the last checkpoint
+  config_json = (workdir / "config.json").read_bytes()
+  got = train(_config(data_dir), str(workdir))
+  assert got["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+  assert json.loads((workdir / "summary.json").read_text())["steps"] == STEPS
+  assert (workdir / "config.json").read_bytes() == config_json
 
 
 # --- 1: export --out

@@ -232,10 +232,11 @@ def _nothing_to_train(workdir: str, done: int, steps: int) -> dict | None:
   path = os.path.join(workdir, "summary.json")
   if done < steps or (done == steps and not os.path.exists(path)):
     return None
-  logging.warning("nothing to train: the checkpoint in %s is at step %d, %s train.steps=%d; "
+  logging.warning("nothing to train: the checkpoint in %s is at step %d, %s; "
                   "config.json, metrics.jsonl and summary.json are left as they were (raise "
                   "train.steps to train on)", workdir, done,
-                  "at" if done == steps else "past", steps)
+                  f"the train.steps={steps} of a finished run" if done == steps
+                  else f"past train.steps={steps}")
   if not os.path.exists(path):
     return {}
   with open(path, encoding="utf-8") as f:
