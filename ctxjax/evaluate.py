@@ -206,14 +206,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-  try:
-    path = evaluate(flags.FLAGS)
-  except EvalInputError as e:
-    print(f"evaluate: {e}", file=sys.stderr)
-    sys.exit(2)
+  path = evaluate(flags.FLAGS)  # bad input: one line, exit 2 (ctxjax/cli.py)
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+  from ctxjax import cli
   define_flags()
-  app.run(main)
+  cli.run("ctxjax.evaluate", main)
