@@ -97,14 +97,13 @@ def _read_training_checkpoint(directory: str, step: int | None):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ctxjax import hf  # noqa: PLC0415
-
   from ctxjax import cli  # noqa: PLC0415
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   f = flags.FLAGS
   cli.input_dir(f.workdir, "--workdir", "a training run's or import_hf's workdir")
   cli.output_dir(f.out, "--out")
+  from ctxjax import hf  # noqa: PLC0415  (after the cheap checks: a typo fails in a second)
   model, variables, token_ids = read_workdir(f.workdir, f.step)
   with cli.flag_names(overwrite="--overwrite"):  # hf.save's hints name its keywords
     hf.save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
