@@ -2,6 +2,8 @@
 
 Multi-host: run the same command on every host; add `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` where JAX cannot detect the cluster (ctxjax/train/distributed.py).
+A bad flag, config key/value, recipe or workdir: one line and exit 2 (ctxjax/cli.py). Library INFO
+lines go to WORKDIR/logs/ (ctxjax/train/logs.py); the terminal keeps ctxjax's own.
 """
 from absl import flags
 from ml_collections import config_flags
