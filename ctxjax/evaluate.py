@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from ctxjax.eval.perplexity import PROTOCOLS
 from ctxjax.eval.run import EvalInputError
-from ctxjax.registry import Registry
+from ctxjax.registry import Registry, unknown_choice
 
 TASKS: Registry[tuple[str, ...]] = Registry("--tasks")
 TASKS.add("ppl", ("ppl",))
@@ -73,7 +73,7 @@ def parse_tasks(names) -> list[str]:
   except ValueError as e:
     raise EvalInputError(str(e)) from None
   if not tasks:
-    raise EvalInputError(f"--tasks is empty; valid choices: {TASKS.names()}")
+    raise EvalInputError(unknown_choice("--tasks", "", TASKS))
   return tasks
 
 
