@@ -24,8 +24,12 @@ def main(argv):
   del argv
   from ctxjax import cli
   from ctxjax.train.config import run_config
-  run_config(_CONFIG.value)  # a bad key or value: one line (ctxjax/cli.py), before JAX starts
+  cfg = run_config(_CONFIG.value)  # a bad key or value: one line (ctxjax/cli.py), before JAX
   cli.output_dir(_WORKDIR.value, "--workdir")
+  for key, what in (("init_from", "a ctxjax workdir"), ("init_from_hf", "a Hugging Face model "
+                                                        "directory")):
+    if getattr(cfg.train, key):
+      cli.input_dir(getattr(cfg.train, key), f"config.train.{key}", what)
   from ctxjax.train import distributed, logs
   logs.setup(_WORKDIR.value, "train")  # library INFO to WORKDIR/logs/, ctxjax's to stderr
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
