@@ -103,35 +103,34 @@ def _verbosity(argv) -> int:
   return 0
 
 
-def show_traceback(argv) -> bool:
-  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or _verbosity(argv) >= 1
+def show_traceback() -> bool:
+  return os.environ.get(TRACEBACK_ENV, "") not in ("", "0") or _verbosity(sys.argv) >= 1
 
 
 @contextlib.contextmanager
-def boundary(command: str, argv=()):
+def boundary(command: str):
   """Turns a user error raised inside into `command: message` on stderr and exit 2."""
   try:
     yield
   except Exception as err:  # noqa: BLE001  (re-raised unless it is a user error)
     if not is_user_error(err):
       raise
-    if show_traceback(argv):
+    if show_traceback():
       traceback.print_exc()
     print(f"{command}: {one_line(err)}", file=sys.stderr, flush=True)
     sys.exit(2)
 
 
-def run(command: str, main, flags_parser=None) -> None:
-  """absl's app.run(main) with flag parsing and `main` inside `boundary(command)`."""
-  argv_seen = list(sys.argv)
-  parse = flags_parser or parse_flags
+def run(command: str, main) -> None:
+  """absl's app.run(main), with flag parsing (`parse_flags`) and `main` inside
+  `boundary(command)`."""
 
   def parse_inside(argv):
-    with boundary(command, argv):
-      return parse(argv)
+    with boundary(command):
+      return parse_flags(argv)
 
   def main_inside(argv):
-    with boundary(command, argv_seen):
+    with boundary(command):
       return main(argv)
 
   app.run(main_inside, flags_parser=parse_inside)
