@@ -48,8 +48,8 @@ class UserError(ValueError):
 
 def _raised_by_ctxjax(err: BaseException) -> bool:
   """Whether ctxjax's own code raised `err`: the innermost frame of its traceback is a `raise`
-  statement in ctxjax/. (JAX removes its own frames from errors raised under jit/grad, so a
-  shape error inside jax ends at the ctxjax line that called it: a call, not a `raise`.)"""
+  statement in ctxjax/. (A ValueError raised by a C function, such as numpy's reshape, has the
+  ctxjax line that called it as its innermost frame: a call, not a `raise`.)"""
   tb = err.__traceback__
   while tb is not None and tb.tb_next is not None:
     tb = tb.tb_next

@@ -133,7 +133,7 @@ def test_traceback_on_request(inputs, how):
 def _raise_from_ctxjax(tmp_path, monkeypatch, name: str, body: str):
   """A function `body` as if it were ctxjax's (cli.PACKAGE_DIR points at tmp_path)."""
   path = tmp_path / f"{name}.py"
-  path.write_text("import jax, jax.numpy as jnp\ndef f(x):\n" + body + "\n")
+  path.write_text("import jax.numpy as jnp\nimport numpy as np\ndef f(x):\n" + body + "\n")
   monkeypatch.setattr(cli, "PACKAGE_DIR", str(tmp_path) + os.sep)
   namespace = {}
   exec(compile(path.read_text(), str(path), "exec"), namespace)  # noqa: S102
@@ -141,18 +141,21 @@ def _raise_from_ctxjax(tmp_path, monkeypatch, name: str, body: str):
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_a_bug_inside_jax_keeps_its_traceback(tmp_path, monkeypatch, jit):
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, jit):
+  """Only a `raise` in ctxjax is a user error: a ValueError from inside jax, or from a C
+  function (numpy's reshape) whose innermost Python frame is the ctxjax line calling it,
+  is a bug."""
   import jax
   import jax.numpy as jnp
   validation = _raise_from_ctxjax(tmp_path, monkeypatch, "validation",
                                   "  raise ValueError(\n      'model.hidden_size must be > 0')")
-  bug = _raise_from_ctxjax(tmp_path, monkeypatch, "bug", "  return jnp.stack([])")
-  wrap = jax.jit if jit else (lambda f: f)
-  for f, user in ((validation, True), (bug, False)):
+  inside_jax = _raise_from_ctxjax(tmp_path, monkeypatch, "inside_jax", "  return jnp.stack([])")
+  in_c = _raise_from_ctxjax(tmp_path, monkeypatch, "in_c", "  return np.ones(4).reshape(3)")
+  cases = [(validation, True), (inside_jax, False)] + ([] if jit else [(in_c, False)])
+  for f, user in cases:
     with pytest.raises(ValueError) as info:
-      wrap(f)(jnp.ones(3))
-    # JAX removes its frames under jit: the bug then ends at ctxjax's call, not a `raise`.
-    assert cli.is_user_error(info.value) is user
+      (jax.jit(f) if jit else f)(jnp.ones(3))
+    assert cli.is_user_error(info.value) is user, f
 
 
 def test_bug_in_a_command_is_not_swallowed():
