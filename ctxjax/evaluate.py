@@ -206,7 +206,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-  path = evaluate(flags.FLAGS)  # bad input: one line, exit 2 (ctxjax/cli.py)
+  from ctxjax import cli  # noqa: PLC0415
+  f = flags.FLAGS
+  if not f.hf:
+    cli.input_dir(f.workdir, "--workdir", "a training run's or import_hf's workdir (or --hf)")
+  cli.output_dir(os.path.join(f.workdir, "eval"), "--workdir")
+  path = evaluate(f)  # bad input: one line, exit 2 (ctxjax/cli.py)
   print(f"wrote {path}")
 
 
