@@ -8,8 +8,8 @@ export_hf, aot, and whatever comes next): a user error exits 2 with one line on 
 What counts as a user error (decided here, once):
   * `UserError` (a ValueError), absl's UsageError and flag errors, and the file-system errors a
     path argument causes: FileNotFoundError, NotADirectoryError, IsADirectoryError,
-    PermissionError, FileExistsError; a malformed JSON file (json.JSONDecodeError, named by
-    the file being read);
+    PermissionError, FileExistsError; a malformed JSON or safetensors file (named by the file
+    being read);
   * a plain ValueError only when ctxjax's own code raised it (the innermost frame of its
     traceback is a `raise` statement in ctxjax/): library validation raises plain ValueError
     with a one-line message (config sections, registries, loaders) and needs no import of this
@@ -59,20 +59,26 @@ def _raised_by_ctxjax(err: BaseException) -> bool:
   return line.startswith("raise ")
 
 
+# A malformed .safetensors file (its own exception type; matched by name: the library is the
+# optional `hf` extra).
+_MALFORMED_FILES = ("SafetensorError",)
+
+
 def is_user_error(err: BaseException) -> bool:
   if isinstance(err, (UserError, app.UsageError, flags.Error, json.JSONDecodeError)
-                + USER_OS_ERRORS):
+                + USER_OS_ERRORS) or type(err).__name__ in _MALFORMED_FILES:
     return True
   return isinstance(err, ValueError) and _raised_by_ctxjax(err)
 
 
-def _json_source(err: json.JSONDecodeError) -> str | None:
-  """The name of the file json.load was reading (a local of a frame in the traceback)."""
+def _file_in_traceback(err: BaseException, is_file) -> str | None:
+  """The innermost frame local of `err`'s traceback that `is_file` accepts, as a string: the
+  file a parser was reading when it failed (their errors do not name it)."""
   name, tb = None, err.__traceback__
   while tb is not None:
     for value in tb.tb_frame.f_locals.values():
-      if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
-        name = value.name
+      if is_file(value):
+        name = str(getattr(value, "name", value)) if isinstance(value, io.IOBase) else str(value)
     tb = tb.tb_next
   return name
 
@@ -80,9 +86,14 @@ def _json_source(err: json.JSONDecodeError) -> str | None:
 def one_line(err: BaseException) -> str:
   """The user-facing message of `err` on one line."""
   if isinstance(err, json.JSONDecodeError):
-    source = _json_source(err) or "a JSON file"
+    source = _file_in_traceback(err, lambda v: isinstance(v, io.IOBase) and isinstance(
+        getattr(v, "name", None), str)) or "a JSON file"
     message = (f"{source} is not valid JSON ({err.msg}: line {err.lineno} column {err.colno});"
                f" fix or regenerate it")
+  elif type(err).__name__ == "SafetensorError":
+    source = _file_in_traceback(err, lambda v: isinstance(v, (str, os.PathLike)) and str(
+        v).endswith(".safetensors")) or "a .safetensors file"
+    message = f"{source} is not a readable safetensors file ({err}); re-download or re-export it"
   elif isinstance(err, OSError) and err.strerror and err.filename is not None:
     message = f"{err.filename}: {err.strerror}"  # errno-style: "[Errno 2] ... 'x'" reworded
     hint = next((h for t, h in _OS_HINTS.items() if isinstance(err, t)), None)

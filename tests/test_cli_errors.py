@@ -60,6 +60,9 @@ CASES = [
      "--hf_dir={d}/sealed is not readable"),
     ("import-hf-malformed", ["ctxjax.import_hf", "--hf_dir={d}/hf_bad", "--workdir={d}/run"],
      "{d}/hf_bad/config.json is not valid JSON"),
+    ("import-hf-bad-safetensors", ["ctxjax.import_hf", "--hf_dir={d}/hf_junk",
+                                   "--workdir={d}/run"],
+     "{d}/hf_junk/model.safetensors is not a readable safetensors file"),
     ("import-workdir-is-file", ["ctxjax.import_hf", "--hf_dir={d}/hf_bad",
                                 "--workdir={d}/file"], "--workdir={d}/file: {d}/file is a file"),
     ("export-workdir-missing", [*EXPORT, "--workdir={d}/nope"],
@@ -79,6 +82,10 @@ CASES = [
 ]
 
 
+HF_CONFIG = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=128)
+
 # Root ignores permission bits; without the capabilities that let it, it does not.
 AS_USER = (["setpriv", "--inh-caps=-dac_override,-dac_read_search",
             "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else [])
@@ -91,11 +98,12 @@ def inputs(tmp_path_factory):
   if AS_USER and not shutil.which("setpriv"):
     pytest.skip("running as root without setpriv: permission errors cannot happen")
   d = tmp_path_factory.mktemp("inputs")
-  for sub in ("empty", "hf_bad", "import_bad/hf_import", "locked", "sealed"):
+  for sub in ("empty", "hf_bad", "hf_junk", "import_bad/hf_import", "locked", "sealed"):
     (d / sub).mkdir(parents=True)
   files = {"file": "", "syntax.py": "def get_config():\n  return dict(a=)\n", "noget.py": "x = 1\n",
            "sealed.py": "def get_config():\n  return {}\n", "hf_bad/config.json": "{bad",
-           "import_bad/model_config.json": '{"hidden_size": 8,'}
+           "import_bad/model_config.json": '{"hidden_size": 8,',
+           "hf_junk/config.json": json.dumps(HF_CONFIG), "hf_junk/model.safetensors": "junk"}
   for name, text in files.items():
     (d / name).write_text(text)
   for name, mode in (("locked", 0o500), ("sealed", 0o000), ("sealed.py", 0o000)):
