@@ -214,9 +214,10 @@ def load_config_file(spec: str):
   from ml_collections.config_flags import config_flags  # noqa: PLC0415
   path = spec.split(":", 1)[0]
   if not os.path.isfile(path):
-    kind = IsADirectoryError if os.path.isdir(path) else FileNotFoundError
-    raise kind(f"--config={spec}: {path} is {'a directory' if os.path.isdir(path) else 'not a file'}"
-               f"; give a recipe file such as configs/tiny.py")
+    is_dir = os.path.isdir(path)
+    raise (IsADirectoryError if is_dir else FileNotFoundError)(
+        f"--config={spec}: {path} is {'a directory' if is_dir else 'not a file'}; give a recipe "
+        f"file such as configs/tiny.py")
   if not os.access(path, os.R_OK):
     raise PermissionError(f"--config={spec}: {path} is not readable by this user; fix its "
                           f"permissions")

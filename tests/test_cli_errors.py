@@ -191,7 +191,8 @@ def test_malformed_json_names_its_file(tmp_path):
 def test_os_errors_read_as_path_and_fix(tmp_path):
   with pytest.raises(FileNotFoundError) as info:
     open(tmp_path / "nope", encoding="utf-8")
-  assert cli.one_line(info.value) == f"{tmp_path / 'nope'}: No such file or directory; check the path"
+  want = f"{tmp_path / 'nope'}: No such file or directory; check the path"
+  assert cli.one_line(info.value) == want
 
 
 def test_hints_name_the_flag_not_the_keyword():
