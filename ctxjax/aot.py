@@ -31,7 +31,7 @@ import re
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from ctxjax.train import topology as topo
@@ -276,19 +276,19 @@ def verdict(reports: list[dict]) -> tuple[int, list[str]]:
 
 def main(argv):
   del argv
+  from ctxjax import cli  # noqa: PLC0415
+  cfg = run_config(_CONFIG.value)  # bad input: one line, exit 2 (ctxjax/cli.py)
+  topology, devices = choose_target(cfg, _TOPOLOGY.value, _DEVICES.value)
+  import jax  # before any JAX backend starts: this tool only compiles, on the host's CPU
+  jax.config.update("jax_platforms", "cpu")
+  if devices:
+    jax.config.update("jax_num_cpu_devices", parse_devices(devices))
   try:
-    cfg = run_config(_CONFIG.value)
-    topology, devices = choose_target(cfg, _TOPOLOGY.value, _DEVICES.value)
-    import jax  # before any JAX backend starts: this tool only compiles, on the host's CPU
-    jax.config.update("jax_platforms", "cpu")
-    if devices:
-      jax.config.update("jax_num_cpu_devices", parse_devices(devices))
     reports = run(cfg, name=config_flags.get_config_filename(flags.FLAGS["config"]),
                   topology=topology, devices=devices, stage=_STAGE.value, mfu=_MFU.value,
                   emit=lambda r: print(format_report(r), flush=True))
-  except (ValueError, RuntimeError) as err:
-    print(f"ctxjax.aot: {err}", file=sys.stderr)
-    return 2
+  except RuntimeError as err:  # libtpu missing or refusing the topology (ctxjax/train/topology.py)
+    raise cli.UserError(str(err)) from err
   if _JSON.value:
     merge_json(_JSON.value, reports)
   code, messages = verdict(reports)
@@ -298,5 +298,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from ctxjax.train.config import parse_flags
-  app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
+  from ctxjax import cli
+  cli.run("ctxjax.aot", lambda argv: sys.exit(main(argv)))

@@ -29,7 +29,7 @@ from absl import app, flags, logging
 
 from ctxjax.eval.perplexity import PROTOCOLS
 from ctxjax.eval.run import EvalInputError
-from ctxjax.registry import Registry
+from ctxjax.registry import Registry, unknown_choice
 
 TASKS: Registry[tuple[str, ...]] = Registry("--tasks")
 TASKS.add("ppl", ("ppl",))
@@ -73,7 +73,7 @@ def parse_tasks(names) -> list[str]:
   except ValueError as e:
     raise EvalInputError(str(e)) from None
   if not tasks:
-    raise EvalInputError(f"--tasks is empty; valid choices: {TASKS.names()}")
+    raise EvalInputError(unknown_choice("--tasks", "", TASKS))
   return tasks
 
 
@@ -206,14 +206,16 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
-  try:
-    path = evaluate(flags.FLAGS)
-  except EvalInputError as e:
-    print(f"evaluate: {e}", file=sys.stderr)
-    sys.exit(2)
+  from ctxjax import cli  # noqa: PLC0415
+  f = flags.FLAGS
+  if not f.hf:
+    cli.input_dir(f.workdir, "--workdir", "a training run's or import_hf's workdir (or --hf)")
+  cli.output_dir(os.path.join(f.workdir, "eval"), "--workdir")
+  path = evaluate(f)  # bad input: one line, exit 2 (ctxjax/cli.py)
   print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+  from ctxjax import cli
   define_flags()
-  app.run(main)
+  cli.run("ctxjax.evaluate", main)

@@ -118,14 +118,18 @@ def _read_training_checkpoint(directory: str, step: int | None):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from ctxjax import hf  # noqa: PLC0415
+  from ctxjax import cli  # noqa: PLC0415
 
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   f = flags.FLAGS
+  cli.input_dir(f.workdir, "--workdir", "a training run's or import_hf's workdir")
+  cli.output_dir(f.out, "--out")
   check_out(f.workdir, f.out, f.overwrite)
+  from ctxjax import hf  # noqa: PLC0415  (after the cheap checks: a typo fails in a second)
   model, variables, token_ids = read_workdir(f.workdir, f.step)
-  hf.save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
-          max_shard_bytes=f.max_shard_bytes, dtype=f.dtype, token_ids=token_ids)
+  with cli.flag_names(overwrite="--overwrite"):  # hf.save's hints name its keywords
+    hf.save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
+            max_shard_bytes=f.max_shard_bytes, dtype=f.dtype, token_ids=token_ids)
   files = sorted(os.listdir(f.out))
   cfg = model.cfg
   print(f"exported {f.workdir} -> {f.out}: LlamaForCausalLM, "
@@ -139,5 +143,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from ctxjax import cli
   define_flags()
-  app.run(main)
+  cli.run("ctxjax.export_hf", main)

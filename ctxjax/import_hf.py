@@ -76,9 +76,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
+  from ctxjax import cli  # noqa: PLC0415
   f = flags.FLAGS
-  summary = import_hf(f.hf_dir, f.workdir, param_dtype=f.param_dtype,
-                      scan_layers=f.scan_layers, overwrite=f.overwrite)
+  cli.input_dir(f.hf_dir, "--hf_dir", "a Hugging Face model directory (config.json + "
+                "*.safetensors)")
+  cli.output_dir(f.workdir, "--workdir")
+  with cli.flag_names(overwrite="--overwrite"):
+    summary = import_hf(f.hf_dir, f.workdir, param_dtype=f.param_dtype,
+                        scan_layers=f.scan_layers, overwrite=f.overwrite)
   print(f"imported {summary['hf_dir']} ({summary['model_type']}): "
         f"{summary['num_params']:,} parameters in {summary['num_arrays']} arrays, "
         f"{summary['param_dtype']}, {summary['layers']} layers x hidden {summary['hidden_size']}, "
@@ -90,5 +95,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from ctxjax import cli
   define_flags()
-  app.run(main)
+  cli.run("ctxjax.import_hf", main)

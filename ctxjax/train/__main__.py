@@ -2,8 +2,10 @@
 
 Multi-host: run the same command on every host; add `--coordinator_address=HOST:PORT
 --num_processes=N --process_id=I` where JAX cannot detect the cluster (ctxjax/train/distributed.py).
+A bad flag, config key/value, recipe or workdir: one line and exit 2 (ctxjax/cli.py). Library INFO
+lines go to WORKDIR/logs/ (ctxjax/train/logs.py); the terminal keeps ctxjax's own.
 """
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<recipe>.py file.",
@@ -20,21 +22,24 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from ctxjax.train import distributed
-  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from ctxjax import cli
   from ctxjax.train.config import run_config
+  cfg = run_config(_CONFIG.value)  # a bad key or value: one line (ctxjax/cli.py), before JAX
+  cli.output_dir(_WORKDIR.value, "--workdir")
+  for key, what in (("init_from", "a ctxjax workdir"), ("init_from_hf", "a Hugging Face model "
+                                                        "directory")):
+    if getattr(cfg.train, key):
+      cli.input_dir(getattr(cfg.train, key), f"config.train.{key}", what)
+  from ctxjax.train import distributed, logs
+  logs.setup(_WORKDIR.value, "train")  # library INFO to WORKDIR/logs/, ctxjax's to stderr
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from ctxjax.eval.during_training import make_evaluator  # the command composes train + eval
   from ctxjax.train.trainer import train
-  try:
-    run_config(_CONFIG.value)  # a bad key or value: one line, no traceback
-  except ValueError as err:
-    raise app.UsageError(f"--config: {err}") from None
-  logging.set_verbosity(logging.INFO)
   summary = train(_CONFIG.value, _WORKDIR.value, make_evaluator=make_evaluator)
   print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                  for k, v in summary.items() if k != "eval"))
 
 
 if __name__ == "__main__":
-  from ctxjax.train.config import parse_flags
-  app.run(main, flags_parser=parse_flags)
+  from ctxjax import cli
+  cli.run("ctxjax.train", main)

@@ -6,7 +6,6 @@ validates per stage). Parsing, defaults and error wording: ctxjax/data/settings.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from typing import Any
 
 from ctxjax.data.config import DataConfig, data_config
@@ -164,30 +163,3 @@ def run_config(config) -> RunConfig:
                    aot=from_mapping(AotConfig, get("aot"), "aot"),
                    eval=from_mapping(EvalConfig, get("eval"), "eval"))
 
-
-def _unknown_override(config, argv) -> str | None:
-  """The first `--config.a.b=...` whose path `config` lacks, as unknown_key's message."""
-  for arg in argv:
-    if not arg.startswith("--config."):
-      continue
-    parts, node = arg[len("--config."):].split("=", 1)[0].split("."), config
-    for i, part in enumerate(parts):
-      if not hasattr(node, "keys") or part not in node:
-        return unknown_key(".".join(parts[:i]), part, node.keys() if hasattr(node, "keys") else ())
-      node = node[part]
-  return None
-
-
-def parse_flags(argv):
-  """absl `flags_parser` for the commands that take `--config`: a bad `--config.KEY=VALUE`
-  override exits with one line naming the key (ml_collections raises a bare AttributeError /
-  KeyError / TypeError from inside flag parsing)."""
-  from absl import app
-  from ml_collections.config_flags import config_flags
-  try:
-    return app.parse_flags_with_usage(argv)
-  except (AttributeError, KeyError, TypeError, ValueError) as err:
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    config = config_flags.ConfigFileFlagParser(name="config").parse(spec) if spec else None
-    message = (_unknown_override(config, argv) if config is not None else None) or err
-    sys.exit(f"bad --config override: {message}")
