@@ -214,6 +214,9 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   }
   if last_eval:
     summary["eval"] = last_eval
+  quality = getattr(run.data, "data_quality", None)  # skipped/repaired input (data.jsonl)
+  if quality is not None and quality():
+    summary["data_quality"] = quality()
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
   if lead:
