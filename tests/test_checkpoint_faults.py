@@ -214,6 +214,12 @@ def test_resume_after_a_damaged_checkpoint_matches_an_uninterrupted_run(full_run
   workdir = tmp_path / "damaged"
   shutil.copytree(full, workdir)
   _damage(str(workdir / "checkpoints" / "8"), how)
+  # export_hf reads parameters from the newest checkpoint whose parameters restore (the damage
+  # may sit in the optimizer state it does not read), and moves nothing
+  from ctxjax import export_hf
+  model, variables, _ = export_hf.read_workdir(str(workdir))
+  assert model.cfg.hidden_size == 32 and variables["params"]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8"]
   proc = subprocess.run(_train_cmd(workdir, "--config.train.steps=8",
                                    "--config.train.save_every=4"),
                         cwd=ROOT, env=_env(base), capture_output=True, text=True, timeout=900)
