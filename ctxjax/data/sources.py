@@ -149,8 +149,8 @@ def load_documents(data_cfg, tok) -> Documents:
   """The corpus' (train docs, train sources, held-out docs); an empty split stops here, in one
   line (training or evaluating on nothing would fail later, or silently report nothing)."""
   key = _corpus_setting(data_cfg)
-  train_docs, train_sources, eval_docs = (CORPORA[key] if key else _demo_documents)(data_cfg,
-                                                                                    tok)
+  load = CORPORA[key] if key else _demo_documents
+  train_docs, train_sources, eval_docs = load(data_cfg, tok)
   for split, docs in (("training", train_docs), ("held-out", eval_docs)):
     if not docs:
       what = f"data.{key}={getattr(data_cfg, key)!r}" if key else "the demo corpus"
