@@ -106,7 +106,7 @@ class Checkpointer:
     self._abandoned = self._log_filter.reported = True
     faults.release_orbax_waiters()
     faults.drain()
-    return faults.save_error(self.directory, err, self._manager.latest_step())
+    return faults.save_error(self.directory, err)
 
   def restore(self, abstract_state, *, model_config: dict, step: int | None = None
               ) -> tuple[Any, dict, dict]:

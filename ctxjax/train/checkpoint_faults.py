@@ -139,14 +139,19 @@ def read_step(read: Callable[[int], Any], step: int, directory: str, flag: str):
   raise ValueError(f"{flag}={step}: checkpoint {directory}/{step} does not restore ({reason})")
 
 
-def save_error(directory: str, err: BaseException, latest_step: int | None) -> OSError:
+def save_error(directory: str, err: BaseException) -> OSError:
   """A failed save as one line: PermissionError where the directory cannot be written (the
-  command boundary prints it without a traceback), OSError otherwise (e.g. a full disk)."""
+  command boundary prints it without a traceback), OSError otherwise (e.g. a full disk). The
+  complete checkpoints are listed from disk (orbax counts the failed step as saved)."""
   unwritable = isinstance(_innermost(err), (PermissionError, NotADirectoryError,
                                             FileExistsError))
+  try:
+    steps = sorted(int(p.name) for p in epath.Path(directory).iterdir() if p.name.isdigit())
+  except OSError:
+    steps = "none: it cannot be listed"
   return (PermissionError if unwritable else OSError)(
-      f"saving a checkpoint to {directory} failed ({failure_reason(err)}); the newest complete "
-      f"checkpoint is step {latest_step}")
+      f"saving a checkpoint to {directory} failed ({failure_reason(err)}); complete "
+      f"checkpoints there: {steps}")
 
 
 def check_writable(directory: str) -> None:
