@@ -30,6 +30,7 @@ import os
 from typing import Any, Callable, Sequence
 
 import numpy as np
+from absl import logging
 
 from ctxjax.data import corpus as corpus_lib
 from ctxjax.data import demo, packing
@@ -87,8 +88,8 @@ def _jsonl_files(value) -> list[str]:
   return [os.path.abspath(f.strip()) for f in files if f.strip()]
 
 
-def _jsonl_documents(data_cfg, tok) -> Documents:
-  from ctxjax.data import tfds_jsonl
+def _jsonl_corpus(data_cfg) -> tuple[str, list[str], str]:
+  """(tfds name, files, tfds data_dir) of data.jsonl's prepared corpus."""
   files = _jsonl_files(data_cfg.jsonl)
   missing = [f for f in files if not os.path.isfile(f)]
   if missing or not files:
@@ -97,9 +98,17 @@ def _jsonl_documents(data_cfg, tok) -> Documents:
   key = "|".join(f"{f}:{os.path.getsize(f)}:{os.path.getmtime(f)}" for f in files)
   key += f"|{data_cfg.validation_fraction}"
   name = "c" + hashlib.sha1(key.encode()).hexdigest()[:12]
-  data_dir = data_cfg.tfds_data_dir or corpus_lib.corpus_dir(data_cfg.data_dir or None)
+  return name, files, data_cfg.tfds_data_dir or corpus_lib.corpus_dir(data_cfg.data_dir or None)
+
+
+def _jsonl_documents(data_cfg, tok) -> Documents:
+  from ctxjax.data import tfds_jsonl
+  name, files, data_dir = _jsonl_corpus(data_cfg)
   fraction = data_cfg.validation_fraction
-  tfds_jsonl.build_jsonl_corpus(name, files, data_dir=data_dir, validation_fraction=fraction)
+  try:
+    tfds_jsonl.build_jsonl_corpus(name, files, data_dir=data_dir, validation_fraction=fraction)
+  except ValueError as err:  # e.g. a split with no records: name the setting, not the hash
+    raise ValueError(f"data.jsonl={data_cfg.jsonl!r}: {err}") from None
   train_docs, train_src = _encode(tfds_jsonl.load_jsonl_corpus(name, data_dir=data_dir), tok)
   if not fraction:
     return _held_out(train_docs, train_src)
@@ -128,11 +137,45 @@ CORPORA.add("jsonl", _jsonl_documents)
 CORPORA.add("tfds_name", _tfds_documents)
 
 
-def load_documents(data_cfg, tok) -> Documents:
+def _corpus_setting(data_cfg) -> str | None:
+  """The config key that names the corpus (None: the demo corpus)."""
   given = [key for key in CORPORA if getattr(data_cfg, key)]
   if len(given) > 1:
     raise ValueError(f"data.{given[0]} and data.{given[1]} are both set; name one corpus")
-  return (CORPORA[given[0]] if given else _demo_documents)(data_cfg, tok)
+  return given[0] if given else None
+
+
+def load_documents(data_cfg, tok) -> Documents:
+  """The corpus' (train docs, train sources, held-out docs); an empty split stops here, in one
+  line (training or evaluating on nothing would fail later, or silently report nothing)."""
+  key = _corpus_setting(data_cfg)
+  load = CORPORA[key] if key else _demo_documents
+  train_docs, train_sources, eval_docs = load(data_cfg, tok)
+  for split, docs in (("training", train_docs), ("held-out", eval_docs)):
+    if not docs:
+      what = f"data.{key}={getattr(data_cfg, key)!r}" if key else "the demo corpus"
+      raise ValueError(f"{what}: the {split} split has no documents; give more documents "
+                       f"(or check data.validation_fraction / data.tfds_eval_split)")
+  return train_docs, train_sources, eval_docs
+
+
+def data_quality(data_cfg) -> dict[str, dict[str, int]]:
+  """{input file: {"skipped_lines", "repaired_utf8", "defaulted_source", "records"}} of a
+  data.jsonl corpus (tfds_jsonl's build counters); {} for corpora that have no such counts."""
+  if _corpus_setting(data_cfg) != "jsonl":
+    return {}
+  from ctxjax.data import tfds_jsonl
+  name, files, data_dir = _jsonl_corpus(data_cfg)
+  return tfds_jsonl.data_quality(tfds_jsonl.read_build_stats(name, data_dir=data_dir), files)
+
+
+def log_data_quality(quality: dict[str, dict[str, int]]) -> None:
+  """One line per input file at start-up: a warning when lines were skipped or repaired."""
+  for path, c in quality.items():
+    log = logging.warning if c["skipped_lines"] or c["repaired_utf8"] else logging.info
+    log("data %s: %d records; %d lines skipped (invalid JSON, no text or empty text), %d "
+        "repaired (non-UTF-8 bytes -> U+FFFD), %d without a source", path, c["records"],
+        c["skipped_lines"], c["repaired_utf8"], c["defaulted_source"])
 
 
 def _mixture_config(data_cfg) -> dict | None:
@@ -164,6 +207,8 @@ class MixtureSource:
     self.bos_id = tok.bos_id if tok.bos_id >= 0 else None
     self.pad_id = tok.pad_id if tok.pad_id >= 0 else 0  # LLaMA has none; pads are masked
     train_docs, train_sources, self.eval_docs = load_documents(data_cfg, tok)
+    self._quality = data_quality(data_cfg)
+    log_data_quality(self._quality)
     shuffle_seed = data_cfg.shuffle_seed
     self.seed = int(seed if shuffle_seed is None else shuffle_seed)
     self.mixture_stats = None
@@ -206,6 +251,10 @@ class MixtureSource:
     if self._entropy is None:
       self._entropy = unigram_entropy(self.train_docs, self.tokenizer.eos_id, self.vocab_size)
     return self._entropy
+
+  def data_quality(self) -> dict[str, dict[str, int]]:
+    """Skipped and repaired input per file (summary.json "data_quality"); see data_quality."""
+    return self._quality
 
   def train_state(self) -> dict:
     return self._train.state

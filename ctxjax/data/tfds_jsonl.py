@@ -34,7 +34,9 @@ dir>/metadata.json``, key ``build_stats``, and the return value of
                      ValueError naming file:line when ``strict_source=True``.
   blank_lines        whitespace-only lines (not records): skipped.
 Every record, kept or not, is assigned to one split first, so the per-split
-counters add up to the corpus totals.
+counters add up to the corpus totals; ``build_stats["files"]`` has the same
+counters per input file (all splits), and ``data_quality`` condenses them to
+what a run reports per file (skipped lines, repaired UTF-8).
 """
 
 from __future__ import annotations
@@ -104,18 +106,23 @@ def _in_validation(raw: bytes, seed: int, fraction: float) -> bool:
 
 
 def parse_records(files: Sequence[str], cfg: JsonlCorpusConfig, stats: dict[str, int],
-                  keep=lambda raw: True) -> Iterator[tuple[str, dict[str, str]]]:
+                  keep=lambda raw: True, by_file: dict[str, dict[str, int]] | None = None
+                  ) -> Iterator[tuple[str, dict[str, str]]]:
   """Yields ``(key, {"text", "source"})`` for the good lines of ``files``.
 
   ``keep(raw_line)`` selects this split's lines; only those are parsed and
-  counted into ``stats`` (the COUNTERS, updated in place).
+  counted into ``stats`` (the COUNTERS, updated in place) and, per file, into
+  ``by_file`` (``{path: COUNTERS}``, created as needed) when given.
   """
+  by_file = {} if by_file is None else by_file
   for fi, path in enumerate(files):
+    per_file = by_file.setdefault(path, dict.fromkeys(COUNTERS, 0))
+    counters = (stats, per_file)
     with open(path, "rb") as f:
       for li, raw in enumerate(f, start=1):
         where = f"{path}:{li}"
         if not raw.strip():
-          stats["blank_lines"] += int(keep(raw))
+          _count(counters, "blank_lines", int(keep(raw)))
           continue
         if not keep(raw):
           continue
@@ -132,30 +139,47 @@ def parse_records(files: Sequence[str], cfg: JsonlCorpusConfig, stats: dict[str,
         if err is not None:
           if cfg.on_invalid == "error":
             raise ValueError(f"{where}: {err} (on_invalid='error')")
-          stats["invalid_json"] += 1
+          _count(counters, "invalid_json")
           continue
         text = obj.get("text")
         if not isinstance(text, str):
           if cfg.on_invalid == "error":
             raise ValueError(f"{where}: no string 'text' field (on_invalid='error')")
-          stats["invalid_record"] += 1
+          _count(counters, "invalid_record")
           continue
         source = _dotted(obj, cfg.source_field)
         if _SURROGATE.search(text) or (isinstance(source, str) and _SURROGATE.search(source)):
           text = _SURROGATE.sub("\ufffd", text)  # JSON "\udc80" escapes are not UTF-8 either
           source = _SURROGATE.sub("\ufffd", source) if isinstance(source, str) else source
           replaced = True
-        stats["replaced_non_utf8"] += int(replaced)
+        _count(counters, "replaced_non_utf8", int(replaced))
         if not text.strip():
-          stats["skipped_empty"] += 1
+          _count(counters, "skipped_empty")
           continue
         if not isinstance(source, str) or not source:
           if cfg.strict_source:
             raise ValueError(f"{where}: no source at {cfg.source_field!r} (strict_source=True)")
-          stats["missing_source"] += 1
+          _count(counters, "missing_source")
           source = cfg.default_source
-        stats["records"] += 1
+        _count(counters, "records")
         yield f"{fi:05d}:{li:09d}", {"text": text, "source": source}
+
+
+def _count(counters: Sequence[dict[str, int]], key: str, n: int = 1) -> None:
+  for c in counters:
+    c[key] += n
+
+
+def data_quality(build_stats: dict[str, Any], files: Sequence[str]) -> dict[str, dict[str, int]]:
+  """Per input file: ``skipped_lines`` (invalid JSON, no string text, empty text),
+  ``repaired_utf8`` (records whose non-UTF-8 bytes became U+FFFD), ``defaulted_source``
+  and ``records`` kept. A corpus prepared before per-file counts existed reports its totals
+  under the files joined by commas."""
+  per_file = build_stats.get("files") or {",".join(files): build_stats["total"]}
+  return {path: {"skipped_lines": c["invalid_json"] + c["invalid_record"] + c["skipped_empty"],
+                 "repaired_utf8": c["replaced_non_utf8"],
+                 "defaulted_source": c["missing_source"], "records": c["records"]}
+          for path, c in per_file.items()}
 
 
 class JsonlCorpus(tfds.core.GeneratorBasedBuilder):
@@ -183,7 +207,7 @@ class JsonlCorpus(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # local files only
     cfg = self.builder_config
     _check_config(cfg)
-    self._build_stats = {}
+    self._build_stats, self._file_stats = {}, {}
     if cfg.validation_files:
       plan = {"train": (cfg.train_files, lambda raw: True),
               "validation": (cfg.validation_files, lambda raw: True)}
@@ -198,7 +222,7 @@ class JsonlCorpus(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split, files, keep):
     stats = self._build_stats.setdefault(split, dict.fromkeys(COUNTERS, 0))
-    yield from parse_records(files, self.builder_config, stats, keep)
+    yield from parse_records(files, self.builder_config, stats, keep, self._file_stats)
     if not stats["records"]:  # tfds would stop with a bare "No examples were yielded"
       raise ValueError(
           f"split {split!r} of corpus {self.builder_config.name!r} has no records "
@@ -208,6 +232,7 @@ class JsonlCorpus(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["build_stats"] = {
         "splits": self._build_stats,
         "total": {k: sum(s[k] for s in self._build_stats.values()) for k in COUNTERS},
+        "files": self._file_stats,
         "config": {f.name: getattr(self.builder_config, f.name)
                    for f in dataclasses.fields(JsonlCorpusConfig)
                    if f.name not in ("release_notes", "supported_versions", "tags",

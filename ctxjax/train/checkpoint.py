@@ -5,9 +5,16 @@ Saves are asynchronous and atomic (orbax writes into a temporary directory and r
 complete, so a half-written checkpoint is never picked up), every `save_every` steps and on
 SIGTERM/SIGINT (preemption). `--workdir` resumes automatically from the newest checkpoint.
 Restoring into a model whose config differs stops with the differing keys.
+
+Faults (ctxjax/train/checkpoint_faults.py): the directory is checked writable before step 1; a
+save failing in the background stops the run at the next step, in seconds and one line. A
+damaged newest checkpoint falls back to the newest older one that restores; the damaged ones are
+then moved aside to `<step>.corrupt` (never deleted), one line each saying why. When none
+restores, nothing is moved (an optimizer change makes every checkpoint fail alike: not damage).
 """
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import signal
 from typing import Any
@@ -16,8 +23,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from ctxjax.model.params import flatten
+from ctxjax.train import checkpoint_faults as faults
 
 # Keys whose change makes a checkpoint's parameters mean something else (or not fit).
 ARCHITECTURE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -34,6 +43,10 @@ def architecture(model_config: dict) -> dict:
   return out
 
 
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), "checkpoints")
+
+
 def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
   """Architecture keys whose values differ, as 'key: saved -> current' (keys one side does not
   record, e.g. from before LoRA existed, and `ignore`d keys are not compared)."""
@@ -46,12 +59,15 @@ class Checkpointer:
   """Thin policy layer over ocp.CheckpointManager for the trainer."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = checkpoint_dir(workdir)
     self.save_every = int(save_every)
+    faults.check_writable(self.directory)
+    self._log_filter = faults.OrbaxErrorsOneLine()
+    std_logging.getLogger("absl").addFilter(self._log_filter)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
-    self._preempted = False
+    self._preempted, self._abandoned = False, False
     self._previous_handlers = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
       try:
@@ -73,36 +89,83 @@ class Checkpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state, *, data_state: dict, meta: dict, force: bool = False):
-    if not force and (step % self.save_every):
-      return False
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave(data_state),
-                              meta=ocp.args.JsonSave(meta))
-    return self._manager.save(step, args=args, force=force)
+    try:
+      self._manager.check_for_errors()  # the last background save: cheap, every step
+      if not force and (step % self.save_every):
+        return False
+      args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                data=ocp.args.JsonSave(data_state),
+                                meta=ocp.args.JsonSave(meta))
+      return self._manager.save(step, args=args, force=force)
+    except Exception as err:  # noqa: BLE001
+      raise self._failed(err) from None
+
+  def _failed(self, err: BaseException) -> OSError:
+    """A failed save as one line; the manager is abandoned (closing it would wait on orbax's
+    barriers and timeouts for the save that can never finish)."""
+    self._abandoned = self._log_filter.reported = True
+    faults.release_orbax_waiters()
+    faults.drain()
+    return faults.save_error(self.directory, err)
 
   def restore(self, abstract_state, *, model_config: dict, step: int | None = None
               ) -> tuple[Any, dict, dict]:
-    """(state, data_state, meta) of `step` (default: newest). Checks the model config first."""
-    step = self._manager.latest_step() if step is None else step
-    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    meta = dict(meta["meta"])
-    diffs = config_differences(meta.get("model_config", {}), model_config)
-    if diffs:
-      raise ValueError(f"the checkpoint in {self.directory} (step {step}) belongs to a "
-                       f"different model; differing model config keys: {'; '.join(diffs)}. "
-                       f"Use another --workdir, or config.train.init_from for a params-only load.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored["state"], dict(restored["data"]), meta
+    """(state, data_state, meta) of `step` (default: the newest that restores, damaged newer
+    ones moved aside; see the module doc). Checks the model config first."""
+
+    def read(step):
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = dict(meta["meta"])
+      diffs = config_differences(meta.get("model_config", {}), model_config)
+      if diffs:
+        raise faults.ModelMismatch(
+            f"the checkpoint in {self.directory} (step {step}) belongs to a different model; "
+            f"differing model config keys: {'; '.join(diffs)}. Use another --workdir, or "
+            f"config.train.init_from for a params-only load.")
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      return restored["state"], dict(restored["data"]), meta
+
+    if step is not None:
+      return faults.read_step(read, step, self.directory, "step")
+    result, step, damaged = faults.newest_restorable(self._manager.all_steps(), read,
+                                                     self.directory)
+    for bad, reason in damaged:
+      where = self._move_aside(bad) if jax.process_index() == 0 else "left for process 0"
+      logging.warning("checkpoint step %d is damaged (%s): %s; resuming from step %d", bad,
+                      reason, where, step)
+    if damaged:
+      self._manager.reload()
+    return result
+
+  def _move_aside(self, step: int) -> str:
+    """Renames <step>/ to <step>.corrupt/ (orbax ignores the name): kept for inspection, and
+    the resumed run can write <step>/ again."""
+    src = epath.Path(self.directory) / str(step)
+    dst = src.parent / f"{step}.corrupt"
+    n = 1
+    while dst.exists():
+      dst, n = src.parent / f"{step}.corrupt.{n}", n + 1
+    src.rename(dst)
+    return f"moved aside to {dst}"
 
   def wait(self):
     self._manager.wait_until_finished()
 
   def close(self):
-    self._manager.wait_until_finished()
-    self._manager.close()
-    for sig, handler in self._previous_handlers.items():
-      signal.signal(sig, handler)
+    try:
+      if not self._abandoned:
+        try:
+          self._manager.wait_until_finished()
+          self._manager.check_for_errors()
+        except Exception as err:  # noqa: BLE001
+          raise self._failed(err) from None
+        self._manager.close()
+        # an abandoned save's threads still log while they end: the filter stays for them
+        std_logging.getLogger("absl").removeFilter(self._log_filter)
+    finally:
+      for sig, handler in self._previous_handlers.items():
+        signal.signal(sig, handler)
 
 
 def abstract_like(state, shardings=None):
@@ -121,25 +184,37 @@ def _host_restore_args(tree):
 def read_params(directory: str, step: int | None = None, *, step_flag: str = "step"
                 ) -> tuple[dict[str, np.ndarray], dict, int]:
   """(state.params as {'/'-path: host numpy array}, meta, step) of the checkpoint of `step`
-  (default: the newest) under `directory` (a run's WORKDIR/checkpoints). Parameters only: the
-  optimizer state, step, RNG and data state are not read. ctxjax.model.param_loader checks
-  and places them (the one way parameters enter a model). `step_flag` names the setting that
-  chose `step` in the error for a step the directory lacks."""
+  (default: the newest that restores; a damaged newer one is named in a warning and left in
+  place: readers never change a workdir) under `directory` (a run's WORKDIR/checkpoints).
+  Parameters only: the optimizer state, step, RNG and data state are not read.
+  ctxjax.model.param_loader checks and places them (the one way parameters enter a model).
+  `step_flag` names the setting that chose `step` in the error for a step the directory lacks
+  or that does not restore."""
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-  try:
-    steps = manager.all_steps()
-    if not steps:
-      raise ValueError(f"no checkpoint under {directory}")
-    step = max(steps) if step is None else step
-    if step not in steps:
-      raise ValueError(f"{step_flag}={step}: {directory} has steps {sorted(steps)}")
+
+  def read(step):
     meta = dict(manager.restore(step, args=ocp.args.Composite(
         meta=ocp.args.JsonRestore()))["meta"])
     tree = manager.item_metadata(step)["state"].tree["params"]
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item={"params": tree}, restore_args={"params": _host_restore_args(tree)},
         partial_restore=True)))["state"]["params"]
+    return restored, meta
+
+  try:
+    steps = manager.all_steps()
+    if not steps:
+      raise ValueError(f"no checkpoint under {directory}")
+    if step is None:
+      (restored, meta), step, damaged = faults.newest_restorable(steps, read, directory)
+      for bad, reason in damaged:
+        logging.warning("checkpoint step %d under %s is damaged (%s); read step %d instead",
+                        bad, directory, reason, step)
+    elif step not in steps:
+      raise ValueError(f"{step_flag}={step}: {directory} has steps {sorted(steps)}")
+    else:
+      restored, meta = faults.read_step(read, step, directory, step_flag)
   finally:
     manager.close()
   return flatten(restored), meta, step

@@ -28,7 +28,8 @@ from ctxjax.positions import schemes
 from ctxjax.model.flops import param_count, train_flops_per_token
 from ctxjax.train import sharding
 from ctxjax.train import stages as stages_lib
-from ctxjax.train.checkpoint import Checkpointer, abstract_like
+from ctxjax.train.checkpoint import Checkpointer, abstract_like, checkpoint_dir
+from ctxjax.train.checkpoint_faults import check_writable
 from ctxjax.train.config import RunConfig, run_config
 from ctxjax.train.init_from import initial_params
 from ctxjax.train.metrics import MetricsWriter
@@ -133,6 +134,8 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   all_stages = stages_lib.resolve_stages(cfg)
   stage_cfgs = [_stage_model_config(cfg, s) for s in all_stages]  # validate all up front
   os.makedirs(workdir, exist_ok=True)
+  if cfg.train.save_every:  # an unwritable directory fails now, not in a background save
+    check_writable(checkpoint_dir(workdir))
   lead = jax.process_index() == 0  # metrics and summaries are written once
 
   steps = stages_lib.total_steps(all_stages)
@@ -215,6 +218,9 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   }
   if last_eval:
     summary["eval"] = last_eval
+  quality = getattr(run.data, "data_quality", None)  # skipped/repaired input (data.jsonl)
+  if quality is not None and quality():
+    summary["data_quality"] = quality()
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
   if lead:
