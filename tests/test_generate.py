@@ -115,7 +115,7 @@ def test_bounded_cache_memory_constant_over_a_long_stream(name):
   assert cap == 6
   tokens = np.random.default_rng(2).integers(0, 64, (1, 10 * cap)).astype(np.int32)
   steps, cache = decode_logits(model, variables, tokens, prompt_len=2)
-  assert cache.capacity == cap and cache.k[0].shape[1] == cap
+  assert cache.capacity == cap and cache.k[0].shape[2] == cap  # [B, K, C, D]
   assert cache.nbytes() == kv_cache.init_cache(model.cfg, 1, cap, n_first=cache.n_first).nbytes()
   # both keep the first 2 positions and the last 4 of the 60
   np.testing.assert_array_equal(np.sort(np.asarray(cache.positions[0])), [0, 1, 56, 57, 58, 59])

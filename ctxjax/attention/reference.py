@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from ctxjax.attention.api import register_implementation
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps gradients NaN-free
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps gradients NaN-free
 
 
 def visibility_and_alibi(pattern, q_pos, k_pos, q_seg, k_seg, slopes=None):
@@ -42,7 +42,7 @@ def attention_logits(q_BTKGD, k_BSKD, *, scale, q_positions_BT, k_positions_BS, 
       q_segment_ids_BT[:, None, None, :, None], k_segment_ids_BS[:, None, None, None, :], slopes)
   if bias is not None:
     logits = logits + bias
-  return jnp.where(mask, logits, _MASKED), mask
+  return jnp.where(mask, logits, MASKED), mask
 
 
 @register_implementation("reference")

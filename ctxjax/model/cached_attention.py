@@ -13,14 +13,18 @@ What a cache stores depends on the mode:
                 and a local key at its own position, so each step rotates the (bounded) cache
                 for both branches.
 A prefill runs the mode's own kernel over the prompt (any `attention_impl`); a decode step
-attends one query per row to the cache with the dense `reference` kernel, which reads each
-cached key once.
+attends one query per row to the heads-major cache with `one_query_attention`: the reference
+kernel's arithmetic (float32 scores, the same visibility rule and ALiBi bias) laid out so each
+cached key and value is read once, in place.
 """
 from __future__ import annotations
 
 import functools
 
-from ctxjax import attention
+import jax
+import jax.numpy as jnp
+
+from ctxjax.attention import reference
 from ctxjax.attention.lm_infinite import lm_infinite_attention
 from ctxjax.model import attention_modes, kv_cache
 from ctxjax.registry import Registry
@@ -37,22 +41,70 @@ def _rotate(cfg, scheme, q, k, q_positions, k_positions):
   return scheme.rotate_qk(cfg, q, k, q_positions, k_positions, center=0)
 
 
-def _standard_step(cfg, scheme, q_rot, k_cache, v_cache, positions, segment_ids, p):
-  return attention.attend(q_rot, k_cache, v_cache, q_positions=positions,
-                          k_positions=p.positions, q_segment_ids=segment_ids,
-                          k_segment_ids=p.valid, pattern=cfg.attention_pattern,
-                          alibi_slopes=scheme.alibi_slopes(cfg.num_attention_heads),
-                          impl=_DECODE_IMPL)
+def one_query_attention(q_B1HD, k_BKCD, v_BKCD, k_B1KD, v_B1KD, *, q_positions, k_positions,
+                        q_segment_ids, k_segment_ids, pattern, alibi_slopes=None):
+  """reference_attention of one query per row over a heads-major [B, K, C, D] cache plus the
+  row's own new key/value [B, 1, K, D] (not yet in the cache): the same float32 scores, mask,
+  ALiBi bias and softmax, as batched matmuls over (batch, kv head). Reading the cache before
+  the step writes it lets XLA update it in place (written first, XLA:CPU copies it every step
+  to feed both the matmul and the loop)."""
+  batch, _, num_heads, head_dim = q_B1HD.shape
+  num_kv = k_BKCD.shape[1]
+  group = num_heads // num_kv
+  q_BKGD = q_B1HD.reshape(batch, num_kv, group, head_dim)
+  scores = lambda k, spec: jnp.einsum(spec, q_BKGD, k, preferred_element_type=jnp.float32)
+  logits_BKGS = jnp.concatenate([scores(k_BKCD, "bkgd,bkcd->bkgc"),
+                                 scores(k_B1KD, "bkgd,bckd->bkgc")], axis=-1) * head_dim ** -0.5
+  slopes = (None if alibi_slopes is None else
+            jnp.asarray(alibi_slopes, jnp.float32).reshape(1, num_kv, group, 1))
+  mask, bias = reference.visibility_and_alibi(
+      pattern, q_positions[:, :, None, None], k_positions[:, None, None, :],
+      q_segment_ids[:, :, None, None], k_segment_ids[:, None, None, :], slopes)
+  if bias is not None:
+    logits_BKGS = logits_BKGS + bias
+  probs = jax.nn.softmax(jnp.where(mask, logits_BKGS, reference.MASKED), axis=-1)
+  probs = jnp.where(mask.any(axis=-1, keepdims=True), probs, 0.0)  # fully masked row -> 0
+  probs = probs.astype(v_BKCD.dtype)
+  capacity = k_BKCD.shape[2]
+  out = (jnp.einsum("bkgc,bkcd->bkgd", probs[..., :capacity], v_BKCD,
+                    preferred_element_type=jnp.float32)
+         + jnp.einsum("bkgc,bckd->bkgd", probs[..., capacity:], v_B1KD,
+                      preferred_element_type=jnp.float32))
+  return out.reshape(batch, 1, num_heads, head_dim).astype(q_B1HD.dtype)
 
 
-def _lm_infinite_step(cfg, scheme, q, k_cache, v_cache, positions, segment_ids, p):
+def _standard_step(cfg, scheme, q_rot, k_new, v_new, k_cache, v_cache, positions, segment_ids,
+                   p):
+  """Attend to the cache without the slot this token takes (a ring buffer's evicted key)
+  and to the token itself, then store it."""
+  evicted_BC = jnp.arange(p.positions.shape[1])[None, :] == p.slot[:, None]
+  k_positions = jnp.concatenate([p.positions, positions], axis=1)
+  k_segments = jnp.concatenate([jnp.where(evicted_BC, 0, p.valid),
+                                jnp.minimum(segment_ids, 1)], axis=1)
+  out = one_query_attention(q_rot, k_cache, v_cache, k_new, v_new, q_positions=positions,
+                            k_positions=k_positions, q_segment_ids=segment_ids,
+                            k_segment_ids=k_segments, pattern=cfg.attention_pattern,
+                            alibi_slopes=scheme.alibi_slopes(cfg.num_attention_heads))
+  # The write must follow the reads for XLA to update the cache in place; without a data
+  # dependency its copy insertion cannot order them and copies the cache every step.
+  after_reads = (out.reshape(-1)[0] * 0).astype(k_new.dtype)
+  return (out, *kv_cache.write(k_cache, v_cache, k_new + after_reads, v_new + after_reads, p))
+
+
+def _lm_infinite_step(cfg, scheme, q, k_new, v_new, k_cache, v_cache, positions, segment_ids,
+                      p):
+  """LM-Infinite rotates the whole (bounded) cache each step anyway: it writes the token
+  first and reads the cache in the kernels' [B, C, K, D] layout."""
   opts = dict(cfg.attention_options)
-  return lm_infinite_attention(q, k_cache, v_cache, positions=positions,
-                               segment_ids=segment_ids, k_positions=p.positions,
-                               k_segment_ids=p.valid, n_global=opts["n_global"],
-                               n_local=opts["n_local"],
-                               rotate_qk=functools.partial(scheme.rotate_qk, cfg),
-                               impl=_DECODE_IMPL)
+  k_cache, v_cache = kv_cache.write(k_cache, v_cache, k_new, v_new, p)
+  k_BCKD, v_BCKD = (x.transpose(0, 2, 1, 3) for x in (k_cache, v_cache))
+  out = lm_infinite_attention(q, k_BCKD, v_BCKD, positions=positions,
+                              segment_ids=segment_ids, k_positions=p.positions,
+                              k_segment_ids=p.valid, n_global=opts["n_global"],
+                              n_local=opts["n_local"],
+                              rotate_qk=functools.partial(scheme.rotate_qk, cfg),
+                              impl=_DECODE_IMPL)
+  return out, k_cache, v_cache
 
 
 CACHED_MODES.add("standard", (True, _standard_step))
@@ -76,11 +128,9 @@ def cached_attention(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_
     q_rot, k_store = _rotate(cfg, scheme, q_BTHD, k_BTKD, positions_BT, positions_BT)
   else:
     q_rot, k_store = q_BTHD, k_BTKD
-  k_cache, v_cache = kv_cache.write(k_cache, v_cache, k_store, v_BTKD, p)
-  if p.prefill:  # the prompt attends to itself with the configured kernel
+  if p.prefill:  # the prompt attends to itself with the configured kernel, then is stored
     mode = attention_modes.MODES[cfg.attention_mode]
     out = mode.run(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, False)
-  else:
-    out = step(cfg, scheme, q_rot if rotated else q_BTHD, k_cache, v_cache, positions_BT,
-               segment_ids_BT, p)
-  return out, k_cache, v_cache
+    return (out, *kv_cache.write(k_cache, v_cache, k_store, v_BTKD, p))
+  return step(cfg, scheme, q_rot, k_store, v_BTKD, k_cache, v_cache, positions_BT,
+              segment_ids_BT, p)

@@ -39,8 +39,9 @@ def window_of(cfg) -> tuple[int, int] | None:
 
 @flax.struct.dataclass
 class KVCache:
-  """k, v: per layer [B, C, K, D] (a tuple of arrays, or one [L, B, C, K, D] array under
-  scan_layers); positions, valid: int32 [B, C]; length: int32 [B] tokens seen per row.
+  """k, v: per layer [B, K, C, D] (a tuple of arrays, or one [L, B, K, C, D] array under
+  scan_layers), heads-major so a decode step's q.k and p.v are plain batched matmuls over
+  (batch, kv head) with no per-step transpose of the cache; positions, valid: int32 [B, C]; length: int32 [B] tokens seen per row.
   A bounded cache keeps the first n_first tokens and the last n_last (n_first + n_last = C)."""
   k: Any
   v: Any
@@ -75,7 +76,7 @@ def init_cache(cfg, batch: int, capacity: int, *, n_first: int = 0, dtype=None) 
     raise ValueError(f"a cache needs 0 <= n_first < capacity, got n_first={n_first}, "
                      f"capacity={capacity}")
   dtype = dtype or cfg.compute_dtype
-  shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+  shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
   if cfg.scan_layers:
     k, v = (jnp.zeros((cfg.num_hidden_layers, *shape), dtype) for _ in range(2))
   else:  # separate buffers: each is updated in place (and may be donated)
@@ -112,9 +113,10 @@ def plan(cache: KVCache, positions_BT, segment_ids_BT) -> Plan:
   rows = jnp.arange(batch)
   if length == 1:  # decode step
     slot = _slot_of(cache.length, cache.n_first, cache.n_last)
+    put = lambda x_BC, new_B: x_BC.at[rows, slot].set(new_B, mode="promise_in_bounds")
     return Plan(prefill=False, slot=slot, source=None,
-                positions=cache.positions.at[rows, slot].set(positions_BT[:, 0]),
-                valid=cache.valid.at[rows, slot].set(real_BT[:, 0]),
+                positions=put(cache.positions, positions_BT[:, 0]),
+                valid=put(cache.valid, real_BT[:, 0]),
                 length=cache.length + real_BT[:, 0])
   # Prefill from an empty cache: slot j holds the latest token t < n with slot_of(t) = j.
   n_B1 = jnp.sum(real_BT, axis=1, keepdims=True)
@@ -130,15 +132,25 @@ def plan(cache: KVCache, positions_BT, segment_ids_BT) -> Plan:
 
 
 def write(k_cache, v_cache, k_BTKD, v_BTKD, p: Plan):
-  """The layer's cache arrays after storing this call's keys/values (in the cache's dtype)."""
+  """The layer's [B, K, C, D] cache arrays after storing this call's [B, T, K, D] keys/values
+  (in the cache's dtype)."""
   k_BTKD, v_BTKD = k_BTKD.astype(k_cache.dtype), v_BTKD.astype(v_cache.dtype)
   if not p.prefill:
-    rows = jnp.arange(k_cache.shape[0])
-    return k_cache.at[rows, p.slot].set(k_BTKD[:, 0]), v_cache.at[rows, p.slot].set(v_BTKD[:, 0])
+    return _put_rows(k_cache, k_BTKD, p.slot), _put_rows(v_cache, v_BTKD, p.slot)
   idx = jnp.clip(p.source, 0, k_BTKD.shape[1] - 1)[:, :, None, None]
   keep = (p.source >= 0)[:, :, None, None]
-  take = lambda x: jnp.where(keep, jnp.take_along_axis(x, idx, axis=1), 0)
+  take = lambda x: jnp.where(keep, jnp.take_along_axis(x, idx, axis=1), 0).transpose(0, 2, 1, 3)
   return take(k_BTKD), take(v_BTKD)
+
+
+def _put_rows(cache_BKCD, x_B1KD, slot_B):
+  """cache[b, :, slot[b]] = x[b, 0] for every row, as one dynamic_update_slice per row: XLA
+  updates those in place inside the decode loop, where a scatter (what `.at[rows, :, slot]`
+  lowers to) makes it copy the whole cache every step."""
+  x_BK1D = x_B1KD.transpose(0, 2, 1, 3)
+  for b in range(cache_BKCD.shape[0]):
+    cache_BKCD = jax.lax.dynamic_update_slice(cache_BKCD, x_BK1D[b:b + 1], (b, 0, slot_B[b], 0))
+  return cache_BKCD
 
 
 def updated(cache: KVCache, p: Plan, k, v) -> KVCache:

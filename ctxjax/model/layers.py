@@ -131,7 +131,7 @@ class Attention(nn.Module):
     else:
       out_BTHD, *kv = cached_attention.cached_attention(
           cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, *kv, plan)
-      kv = tuple(nn.with_logical_constraint(x, ("batch", "length", "kv_heads", "head_dim"))
+      kv = tuple(nn.with_logical_constraint(x, ("batch", "kv_heads", "length", "head_dim"))
                  for x in kv)
     out_BTHD = nn.with_logical_constraint(out_BTHD, ("batch", "length", "heads", "head_dim"))
     out_BTE = block_projection(cfg, "o_proj",
