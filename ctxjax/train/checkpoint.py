@@ -8,7 +8,6 @@ Restoring into a model whose config differs stops with the differing keys.
 """
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from ctxjax import storage
 from ctxjax.model.params import flatten
 
 # Keys whose change makes a checkpoint's parameters mean something else (or not fit).
@@ -42,11 +42,17 @@ def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ())
           if k not in ignore and a.get(k) != b.get(k)]
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints: absolute when local, as given when remote (gs://: orbax writes there
+  through tensorstore)."""
+  return storage.join(storage.resolve(workdir), "checkpoints")
+
+
 class Checkpointer:
   """Thin policy layer over ocp.CheckpointManager for the trainer."""
 
   def __init__(self, workdir: str, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = checkpoint_dir(workdir)
     self.save_every = int(save_every)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save)

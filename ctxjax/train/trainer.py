@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ctxjax import storage
 from ctxjax.data import registry as data_registry
 from ctxjax.data.config import DataConfig
 from ctxjax.model import Transformer
@@ -132,11 +132,10 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   eval_on = _eval_wanted(cfg, make_evaluator)
   all_stages = stages_lib.resolve_stages(cfg)
   stage_cfgs = [_stage_model_config(cfg, s) for s in all_stages]  # validate all up front
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   lead = jax.process_index() == 0  # metrics and summaries are written once
   if lead:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   steps = stages_lib.total_steps(all_stages)
   tx, schedule = make_optimizer(cfg.optim, steps)  # one schedule across all stages
@@ -214,8 +213,7 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
   if lead:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   return summary
 
 
