@@ -102,13 +102,14 @@ def save(model, variables, out: str, **kwargs) -> None:
   if storage.is_local(out):
     hf.save(model, variables, out, **kwargs)
     return
-  if storage.isdir(out) and storage.listdir(out):
-    if not kwargs.get("overwrite"):
-      raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
-    storage.rmtree(out)
+  replace = storage.isdir(out) and bool(storage.listdir(out))
+  if replace and not kwargs.get("overwrite"):
+    raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
   with tempfile.TemporaryDirectory(prefix="ctxjax-export-") as tmp:
     local = os.path.join(tmp, storage.basename(out))
     hf.save(model, variables, local, **kwargs)
+    if replace:  # only once the new export is complete
+      storage.rmtree(out)
     storage.copy_tree(local, out)
 
 
