@@ -22,11 +22,11 @@ one line and exits 2.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags, logging
 
+from ctxjax import storage
 from ctxjax.eval.perplexity import PROTOCOLS
 from ctxjax.eval.run import EvalInputError
 from ctxjax.registry import Registry, unknown_choice
@@ -100,8 +100,7 @@ def _progress(total: int):
 
 
 def _write_json(out_dir: str, name: str, result) -> None:
-  with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=1)
+  storage.write_text(storage.join(out_dir, f"{name}.json"), json.dumps(result, indent=1))
 
 
 def run_ppl(run, out_dir, lengths, f, docs):
@@ -117,14 +116,13 @@ def run_ppl(run, out_dir, lengths, f, docs):
   _write_json(out_dir, "ppl", res)
   others = []
   for d in f.compare:
-    path = os.path.join(d, "eval", "ppl.json")
-    if os.path.isfile(path):
-      with open(path, encoding="utf-8") as fh:
-        others.append(json.load(fh))
+    path = storage.join(d, "eval", "ppl.json")
+    if storage.isfile(path):
+      others.append(json.loads(storage.read_text(path)))
     else:
       print(f"--compare: {path} not found; left out of the plot")
   everyone = [res] + others
-  plots.perplexity_plot(everyone, os.path.join(out_dir, "ppl.png"),
+  plots.perplexity_plot(everyone, storage.join(out_dir, "ppl.png"),
                         [r.get("train_length") for r in everyone])
   return res
 
@@ -138,7 +136,7 @@ def run_retrieval(run, out_dir, task, lengths, depths, f, haystack):
       model_name=run.name, progress=bar.update)
   bar.close()
   _write_json(out_dir, task, res)
-  plots.retrieval_heatmap(res, os.path.join(out_dir, f"{task}.png"), run.train_length)
+  plots.retrieval_heatmap(res, storage.join(out_dir, f"{task}.png"), run.train_length)
   return res
 
 
@@ -176,8 +174,8 @@ def evaluate(f) -> str:
   if set(tasks) - {"ppl"}:
     check_lengths(run.model.cfg, grid_lengths,
                   extra=1 + max(retrieval.MAX_NEW_TOKENS.values()))
-  out_dir = os.path.join(f.workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.join(f.workdir, "eval")
+  storage.makedirs(out_dir)
   docs, haystack = held_out(run)
   for task in tasks:
     for sub in TASKS.get(task):
@@ -198,7 +196,7 @@ def evaluate(f) -> str:
       else:
         results[sub] = run_retrieval(run, out_dir, sub, grid_lengths, depths, f, haystack)
       pngs[sub] = f"{sub}.png"
-  return summary.write_summary(os.path.join(out_dir, "summary.md"), run.name,
+  return summary.write_summary(storage.join(out_dir, "summary.md"), run.name,
                                run.train_length, results, pngs)
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from absl import app, flags, logging
 
+from ctxjax import storage
 from ctxjax.import_hf import TOKEN_IDS
 
 CHECKPOINTS = "checkpoints"  # ctxjax/train/checkpoint.py: WORKDIR/checkpoints/<step>/
@@ -42,10 +44,10 @@ def check_out(workdir: str, out: str, overwrite: bool = False) -> None:
   a directory is replaced only when it is one, and only with --overwrite)."""
   from ctxjax import hf  # noqa: PLC0415
 
-  run, target = os.path.realpath(workdir), os.path.realpath(out)
-  common = os.path.commonpath([run, target])
-  if common in (run, target):
-    where = "is" if run == target else "is inside" if common == run else "contains"
+  run, target = (_parts(p) for p in (workdir, out))
+  common = run[:min(len(run), len(target))]
+  if target[:len(common)] == common:  # one is the other or lies inside it
+    where = "is" if run == target else "is inside" if len(common) == len(run) else "contains"
     raise ValueError(f"--out={out} {where} --workdir={workdir}: the export would replace the "
                      "run; choose an --out outside it")
   try:
@@ -54,24 +56,30 @@ def check_out(workdir: str, out: str, overwrite: bool = False) -> None:
     raise ValueError(f"--out: {err}") from None
 
 
+def _parts(path: str) -> list[str]:
+  """A path's components for containment tests: resolved locally, the scheme kept remotely."""
+  resolved = os.path.realpath(path) if storage.is_local(path) else storage.resolve(path)
+  return [p for p in resolved.split("/") if p]
+
+
 def read_workdir(workdir: str, step: int | None = None):
   """(model, variables, token_ids) from a workdir, the one place that knows its layouts:
   a training run's orbax checkpoints (WORKDIR/checkpoints/<step>/{state,meta}, written by
   ctxjax/train/checkpoint.py: the model config is in `meta`, the parameters in state.params;
   the newest step unless `step`), else what import_hf writes (model_config.json + hf_import/).
   Parameters are restored to host numpy arrays; LoRA/quantized ones are merged by hf.save."""
-  workdir = os.path.abspath(workdir)
-  if os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
-    model, params = _read_training_checkpoint(os.path.join(workdir, CHECKPOINTS), step)
+  workdir = storage.resolve(workdir)
+  if storage.isdir(storage.join(workdir, CHECKPOINTS)):
+    model, params = _read_training_checkpoint(storage.join(workdir, CHECKPOINTS), step)
   else:
     if step is not None:
       raise ValueError(f"--step={step} given, but {workdir} has no {CHECKPOINTS}/ directory")
     model, params = _read_import(workdir)
   token_ids = None
-  token_path = os.path.join(workdir, TOKEN_IDS)
-  if os.path.exists(token_path):
-    with open(token_path, encoding="utf-8") as f:
-      token_ids = {k: v for k, v in json.load(f).items() if v is not None}
+  token_path = storage.join(workdir, TOKEN_IDS)
+  if storage.exists(token_path):
+    token_ids = {k: v for k, v in json.loads(storage.read_text(token_path)).items()
+                 if v is not None}
   return model, {"params": params}, token_ids
 
 
@@ -93,14 +101,13 @@ def _read_import(workdir: str):
   from ctxjax.model import Transformer, model_config_from_dict  # noqa: PLC0415
   from ctxjax.train import checkpoint  # noqa: PLC0415
 
-  config_path = os.path.join(workdir, import_hf.MODEL_CONFIG)
-  params_dir = os.path.join(workdir, import_hf.PARAMS_DIR)
+  config_path = storage.join(workdir, import_hf.MODEL_CONFIG)
+  params_dir = storage.join(workdir, import_hf.PARAMS_DIR)
   for p in (config_path, params_dir):
-    if not os.path.exists(p):
+    if not storage.exists(p):
       raise FileNotFoundError(f"{p} not found: {workdir} holds neither a training run's "
                               f"{CHECKPOINTS}/ nor an import (run python -m ctxjax.import_hf)")
-  with open(config_path, encoding="utf-8") as f:
-    model = Transformer(model_config_from_dict(json.load(f)))
+  model = Transformer(model_config_from_dict(json.loads(storage.read_text(config_path))))
   return model, _checked(model, checkpoint.read_tree(params_dir), params_dir)
 
 
@@ -113,6 +120,23 @@ def _read_training_checkpoint(directory: str, step: int | None):
     raise ValueError(f"{directory}/{step} has no model_config in its metadata")
   model = Transformer(model_config_from_dict(meta["model_config"]))
   return model, _checked(model, flat, f"{directory}/{step}")
+
+
+def save(model, variables, out: str, **kwargs) -> None:
+  """hf.save into `out`; a remote `out` (gs://...) is written into a local temporary directory
+  and copied up (hf.save renames a finished directory into place; object stores cannot)."""
+  from ctxjax import hf  # noqa: PLC0415
+  if storage.is_local(out):
+    hf.save(model, variables, out, **kwargs)
+    return
+  hf.check_target(out, overwrite=kwargs.get("overwrite", False))  # only an export is replaced
+  replace = storage.isdir(out) and bool(storage.listdir(out))
+  with tempfile.TemporaryDirectory(prefix="ctxjax-export-") as tmp:
+    local = os.path.join(tmp, storage.basename(out))
+    hf.save(model, variables, local, **kwargs)
+    if replace:  # only once the new export is complete
+      storage.rmtree(out)
+    storage.copy_tree(local, out)
 
 
 def main(argv):
@@ -128,9 +152,9 @@ def main(argv):
   from ctxjax import hf  # noqa: PLC0415  (after the cheap checks: a typo fails in a second)
   model, variables, token_ids = read_workdir(f.workdir, f.step)
   with cli.flag_names(overwrite="--overwrite"):  # hf.save's hints name its keywords
-    hf.save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
-            max_shard_bytes=f.max_shard_bytes, dtype=f.dtype, token_ids=token_ids)
-  files = sorted(os.listdir(f.out))
+    save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,
+         max_shard_bytes=f.max_shard_bytes, dtype=f.dtype, token_ids=token_ids)
+  files = storage.listdir(f.out)
   cfg = model.cfg
   print(f"exported {f.workdir} -> {f.out}: LlamaForCausalLM, "
         f"{cfg.num_hidden_layers} layers x hidden {cfg.hidden_size}, "

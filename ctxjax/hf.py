@@ -35,7 +35,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from ctxjax import hf_weights
+from ctxjax import hf_weights, storage
 from ctxjax.hf_config import (DEFAULT_TOKEN_IDS, EXPORTABLE_ATTENTION_MODES,  # noqa: F401
                               SUPPORTED_MODEL_TYPES, config_from_hf, hf_config_from)
 from ctxjax.hf_tokenizer import tokenizer_config
@@ -235,13 +235,14 @@ def check_target(path, *, overwrite: bool = False) -> None:
   """Refuse `path` as save's target unless it is absent, an empty directory, or (overwrite)
   a previous Hugging Face export: config.json, weights and tokenizer files only. Replacing
   anything else (a training workdir, a directory above one, ...) would delete data."""
-  path = pathlib.Path(path)
-  if path.exists() and not path.is_dir():
+  path = os.fspath(path)  # local or remote (gs://...): ctxjax.storage
+  if storage.exists(path) and not storage.isdir(path):
     raise FileExistsError(f"{path} exists and is not a directory")
-  entries = sorted(os.listdir(path)) if path.is_dir() else []
+  entries = sorted(storage.listdir(path)) if storage.isdir(path) else []
   if not entries:
     return
-  other = [e for e in entries if not (_EXPORT_FILE.fullmatch(e) and (path / e).is_file())]
+  other = [e for e in entries
+           if not (_EXPORT_FILE.fullmatch(e) and storage.isfile(storage.join(path, e)))]
   if other or "config.json" not in entries or not any(e.endswith(".safetensors")
                                                       for e in entries):
     shown = (other or entries)[:4]

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 
 from absl import app, flags, logging
+
+from ctxjax import storage
 
 PARAMS_DIR = "hf_import"
 MODEL_CONFIG = "model_config.json"
@@ -37,30 +40,34 @@ def import_hf(hf_dir: str, workdir: str, *, param_dtype: str | None = None,
   import jax  # noqa: PLC0415  (heavy imports after flag parsing: `--help` stays fast)
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
+  if not storage.is_local(hf_dir):  # hf.load reads local files: fetch a remote directory
+    with tempfile.TemporaryDirectory(prefix="ctxjax-import-") as tmp:
+      storage.copy_tree(hf_dir, tmp)
+      return {**import_hf(tmp, workdir, param_dtype=param_dtype, scan_layers=scan_layers,
+                          overwrite=overwrite), "hf_dir": storage.resolve(hf_dir)}
   from ctxjax import hf  # noqa: PLC0415
 
   model, variables = hf.load(hf_dir, param_dtype=param_dtype, scan_layers=scan_layers)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  target = os.path.join(workdir, PARAMS_DIR)
-  if os.path.exists(target) and not overwrite:
+  workdir = storage.resolve(workdir)
+  storage.makedirs(workdir)
+  target = storage.join(workdir, PARAMS_DIR)
+  if storage.exists(target) and not overwrite:
     raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(target, variables["params"], force=overwrite)
   checkpointer.wait_until_finished()
   cfg = model.cfg
-  with open(os.path.join(workdir, MODEL_CONFIG), "w", encoding="utf-8") as f:
-    json.dump(cfg.to_dict(), f, indent=2, sort_keys=True)
+  storage.write_text(storage.join(workdir, MODEL_CONFIG),
+                     json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
   with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
     hf_config = json.load(f)
   token_ids = {k: hf_config.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-  with open(os.path.join(workdir, TOKEN_IDS), "w", encoding="utf-8") as f:
-    json.dump(token_ids, f, indent=2)
+  storage.write_text(storage.join(workdir, TOKEN_IDS), json.dumps(token_ids, indent=2))
   leaves = jax.tree_util.tree_leaves(variables["params"])
   rope = cfg.rope_scaling or {"rope_type": "default"}
   return {
       "hf_dir": os.path.abspath(hf_dir), "model_type": hf_config.get("model_type"),
-      "params_dir": target, "model_config": os.path.join(workdir, MODEL_CONFIG),
+      "params_dir": target, "model_config": storage.join(workdir, MODEL_CONFIG),
       "num_params": int(sum(x.size for x in leaves)), "num_arrays": len(leaves),
       "param_dtype": cfg.param_dtype, "scan_layers": cfg.scan_layers,
       "layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size,

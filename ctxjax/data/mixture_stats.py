@@ -6,10 +6,11 @@ ctxjax/data/mixtures.py computes them before and after a mixture."""
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from ctxjax import storage
 
 STATS_JSON, STATS_PNG = "mixture_stats.json", "mixture_stats.png"
 # -- statistics ------------------------------------------------------------------
@@ -74,11 +75,9 @@ def format_table(stats: Mapping[str, Any]) -> str:
 
 def write_stats(stats: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
   """Writes ``mixture_stats.json`` and ``mixture_stats.png``; returns their paths."""
-  os.makedirs(out_dir, exist_ok=True)
-  jpath, ppath = os.path.join(out_dir, STATS_JSON), os.path.join(out_dir, STATS_PNG)
-  with open(jpath, "w", encoding="utf-8") as f:
-    json.dump(stats, f, indent=2)
-    f.write("\n")
+  storage.makedirs(out_dir)
+  jpath, ppath = storage.join(out_dir, STATS_JSON), storage.join(out_dir, STATS_PNG)
+  storage.write_text(jpath, json.dumps(stats, indent=2) + "\n")
   plot_stats(stats, ppath)
   return jpath, ppath
 
@@ -120,5 +119,5 @@ def plot_stats(stats: Mapping[str, Any], path: str) -> None:
   fig.suptitle(f"{stats['kind']} (seed {stats['seed']})")
   fig.subplots_adjust(left=0.08, right=0.98, top=1 - 0.8 / fig.get_figheight(),
                       bottom=0.6 / fig.get_figheight(), hspace=0.55)  # tight_layout: +1 s
-  fig.savefig(path, dpi=100)
+  storage.save_figure(fig, path, dpi=100)
   plt.close(fig)

@@ -12,6 +12,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from ctxjax import storage
+
 
 def _pyplot():
   import matplotlib  # noqa: PLC0415
@@ -49,7 +51,7 @@ def retrieval_heatmap(result: Mapping, path: str, train_length: int | None = Non
   ax.set_title(f"{result['task']} {result.get('model', '')}\nmean score {mean:.3f}",
                fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
   return path
 
@@ -91,6 +93,6 @@ def perplexity_plot(results: Sequence[Mapping], path: str,
   ax.legend(fontsize=8)
   ax.grid(True, which="both", alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
   return path

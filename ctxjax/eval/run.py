@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ctxjax import storage
+
 
 class EvalInputError(ValueError):
   """A problem with the user's input, reported as one line (no traceback)."""
@@ -29,11 +31,10 @@ class Run:
 
 
 def _read_config(workdir: str) -> dict | None:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = storage.join(workdir, "config.json")
+  if not storage.isfile(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def train_length_of(config: dict | None, model_cfg) -> int:
@@ -80,7 +81,7 @@ def load_run(workdir: str, *, step: int | None = None, hf_dir: str | None = None
     tokenizer_path = tokenizer_path or hf_dir
   else:
     from ctxjax.export_hf import read_workdir  # noqa: PLC0415
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
       raise EvalInputError(f"--workdir={workdir}: no such directory")
     try:
       model, variables, _ = read_workdir(workdir, step)
@@ -89,7 +90,7 @@ def load_run(workdir: str, *, step: int | None = None, hf_dir: str | None = None
     except ValueError as e:
       raise EvalInputError(f"--workdir={workdir}: {e}") from None
     config, where = _read_config(workdir), workdir
-    name = os.path.basename(os.path.normpath(workdir))
+    name = storage.basename(workdir)
   tok, data_cfg = _tokenizer(config, model.cfg.vocab_size, tokenizer_path, where)
   return Run(name, model, jax.device_put(variables), tok, train_length_of(config, model.cfg),
              data_cfg)

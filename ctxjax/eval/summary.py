@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from ctxjax import storage
+
 
 def _fmt(x) -> str:
   return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
@@ -57,6 +59,5 @@ def write_summary(path: str, name: str, train_length: int, results: Mapping[str,
     out += [f"## {title}", "", *table, ""]
     if task in pngs:
       out += [f"![{task}]({pngs[task]})", ""]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(out))
+  storage.write_text(path, "\n".join(out))
   return path

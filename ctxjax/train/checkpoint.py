@@ -15,7 +15,6 @@ restores, nothing is moved (an optimizer change makes every checkpoint fail alik
 from __future__ import annotations
 
 import logging as std_logging
-import os
 import signal
 from typing import Any
 
@@ -25,6 +24,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from ctxjax import storage
 from ctxjax.model.params import flatten
 from ctxjax.train import checkpoint_faults as faults
 
@@ -43,16 +43,18 @@ def architecture(model_config: dict) -> dict:
   return out
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
-
-
 def config_differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
   """Architecture keys whose values differ, as 'key: saved -> current' (keys one side does not
   record, e.g. from before LoRA existed, and `ignore`d keys are not compared)."""
   a, b = architecture(saved), architecture(current)
   return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) & set(b))
           if k not in ignore and a.get(k) != b.get(k)]
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints: absolute when local, as given when remote (gs://: orbax writes there
+  through tensorstore)."""
+  return storage.join(storage.resolve(workdir), "checkpoints")
 
 
 class Checkpointer:

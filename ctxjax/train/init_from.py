@@ -27,7 +27,7 @@ _ADAPTER_KEYS = ("lora_rank", "lora_targets", "base_quantization", "quant_block_
 
 
 def _from_run(workdir: str, shardings: dict, model_cfg) -> tuple[dict, str]:
-  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  directory = checkpoint_lib.checkpoint_dir(workdir)
   try:
     saved, meta, step = checkpoint_lib.read_params(directory)
   except ValueError as e:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -21,6 +20,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from ctxjax import storage
 from ctxjax.data import registry as data_registry
 from ctxjax.data.config import DataConfig
 from ctxjax.model import Transformer
@@ -133,7 +133,7 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   eval_on = _eval_wanted(cfg, make_evaluator)
   all_stages = stages_lib.resolve_stages(cfg)
   stage_cfgs = [_stage_model_config(cfg, s) for s in all_stages]  # validate all up front
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   if cfg.train.save_every:  # an unwritable directory fails now, not in a background save
     check_writable(checkpoint_dir(workdir))
   lead = jax.process_index() == 0  # metrics and summaries are written once
@@ -170,8 +170,7 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
     ckpt.close()
     return previous
   if lead:  # only now: a refused resume leaves the run's config.json as it was
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
   if start == 1:  # a fresh run (not a resume) may start from other parameters
     state = state.replace(params=initial_params(cfg.train, state.params,
                                                 state_shardings.params, stage_cfgs[0]))
@@ -224,8 +223,7 @@ def train(config, workdir: str, *, make_evaluator: Callable | None = None) -> di
   writer.write(steps, {"eval_loss": eval_loss, "unigram_entropy": summary["unigram_entropy"]})
   writer.close()
   if lead:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    storage.write_text(storage.join(workdir, "summary.json"), json.dumps(summary, indent=2))
   return summary
 
 
@@ -235,18 +233,17 @@ def _nothing_to_train(workdir: str, done: int, steps: int) -> dict | None:
   they were (a step-`done` model's eval is never logged under step `steps`). None when there
   are steps to take, or when a finished run lacks its summary (stopped after its last
   checkpoint): its eval and summary.json are then written as usual."""
-  path = os.path.join(workdir, "summary.json")
-  if done < steps or (done == steps and not os.path.exists(path)):
+  path = storage.join(workdir, "summary.json")
+  if done < steps or (done == steps and not storage.exists(path)):
     return None
   logging.warning("nothing to train: the checkpoint in %s is at step %d, %s; "
                   "config.json, metrics.jsonl and summary.json are left as they were (raise "
                   "train.steps to train on)", workdir, done,
                   f"the train.steps={steps} of a finished run" if done == steps
                   else f"past train.steps={steps}")
-  if not os.path.exists(path):
+  if not storage.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(storage.read_text(path))
 
 
 def _train_stage(loop: StageLoop, state):
