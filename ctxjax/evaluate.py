@@ -118,7 +118,7 @@ def run_ppl(run, out_dir, lengths, f, docs):
   for d in f.compare:
     path = storage.join(d, "eval", "ppl.json")
     if storage.isfile(path):
-      others.append(json.loads(storage.read_text(path)))
+      others.append(storage.read_json(path))
     else:
       print(f"--compare: {path} not found; left out of the plot")
   everyone = [res] + others
@@ -208,7 +208,7 @@ def main(argv):
   f = flags.FLAGS
   if not f.hf:
     cli.input_dir(f.workdir, "--workdir", "a training run's or import_hf's workdir (or --hf)")
-  cli.output_dir(os.path.join(f.workdir, "eval"), "--workdir")
+  cli.output_dir(storage.join(f.workdir, "eval"), "--workdir")
   path = evaluate(f)  # bad input: one line, exit 2 (ctxjax/cli.py)
   print(f"wrote {path}")
 

@@ -12,7 +12,6 @@ other directory is refused before anything is read (`check_out`), never deleted.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 
@@ -78,7 +77,7 @@ def read_workdir(workdir: str, step: int | None = None):
   token_ids = None
   token_path = storage.join(workdir, TOKEN_IDS)
   if storage.exists(token_path):
-    token_ids = {k: v for k, v in json.loads(storage.read_text(token_path)).items()
+    token_ids = {k: v for k, v in storage.read_json(token_path).items()
                  if v is not None}
   return model, {"params": params}, token_ids
 
@@ -107,7 +106,7 @@ def _read_import(workdir: str):
     if not storage.exists(p):
       raise FileNotFoundError(f"{p} not found: {workdir} holds neither a training run's "
                               f"{CHECKPOINTS}/ nor an import (run python -m ctxjax.import_hf)")
-  model = Transformer(model_config_from_dict(json.loads(storage.read_text(config_path))))
+  model = Transformer(model_config_from_dict(storage.read_json(config_path)))
   return model, _checked(model, checkpoint.read_tree(params_dir), params_dir)
 
 
@@ -149,7 +148,6 @@ def main(argv):
   cli.input_dir(f.workdir, "--workdir", "a training run's or import_hf's workdir")
   cli.output_dir(f.out, "--out")
   check_out(f.workdir, f.out, f.overwrite)
-  from ctxjax import hf  # noqa: PLC0415  (after the cheap checks: a typo fails in a second)
   model, variables, token_ids = read_workdir(f.workdir, f.step)
   with cli.flag_names(overwrite="--overwrite"):  # hf.save's hints name its keywords
     save(model, variables, f.out, overwrite=f.overwrite, tokenizer_model=f.tokenizer_model,

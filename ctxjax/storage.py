@@ -10,6 +10,7 @@ events) are written in a local staging directory and mirrored by `Mirror`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -92,6 +93,15 @@ def open_file(path, mode: str = "r"):
 def read_text(path) -> str:
   with open_file(path) as f:
     return f.read()
+
+
+def read_json(path):
+  """The JSON document at `path`; a malformed one is a ValueError that names the file."""
+  try:
+    return json.loads(read_text(path))
+  except json.JSONDecodeError as err:
+    raise ValueError(f"{path} is not valid JSON ({err.msg}: line {err.lineno} column "
+                     f"{err.colno}); fix or regenerate it") from None
 
 
 def write_text(path, text: str) -> None:

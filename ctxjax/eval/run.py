@@ -7,7 +7,6 @@ exits 2): a workdir without a checkpoint or tokenizer, a length past an absolute
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -34,7 +33,7 @@ def _read_config(workdir: str) -> dict | None:
   path = storage.join(workdir, "config.json")
   if not storage.isfile(path):
     return None
-  return json.loads(storage.read_text(path))
+  return storage.read_json(path)
 
 
 def train_length_of(config: dict | None, model_cfg) -> int:

@@ -243,7 +243,7 @@ def _nothing_to_train(workdir: str, done: int, steps: int) -> dict | None:
                   else f"past train.steps={steps}")
   if not storage.exists(path):
     return {}
-  return json.loads(storage.read_text(path))
+  return storage.read_json(path)
 
 
 def _train_stage(loop: StageLoop, state):
