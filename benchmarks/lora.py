@@ -167,13 +167,13 @@ def finetune(variant: str, base_params, steps: int, *, lr: float, seed: int,
   return row, params, model
 
 
-def parse_lrs(text: str) -> dict[str, list[float]]:
-  """"full:3e-4/1e-3,lora:1e-3" -> {variant: [rates]}; every variant needs its rates."""
+def parse_lrs(text: str, variants) -> dict[str, list[float]]:
+  """"full:3e-4/1e-3,lora:1e-3" -> {variant: [rates]}; every variant run needs its rates."""
   lrs = {}
   for item in filter(None, text.split(",")):
     name, _, rates = item.partition(":")
     lrs[name.strip()] = [float(r) for r in rates.split("/")]
-  missing = [v for v in VARIANTS if v not in lrs]
+  missing = [v for v in variants if v not in lrs]
   if missing:
     raise SystemExit(f"--lrs has no rates for {missing}; e.g. --lrs={LRS}")
   return lrs
@@ -263,13 +263,19 @@ def main():
   parser.add_argument("--init_from", default="", help="a finished configs/tiny.py workdir")
   parser.add_argument("--finetune_steps", type=int, default=30)
   parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--variants", default=",".join(VARIANTS))
   parser.add_argument("--lrs", default=LRS, help="variant:rate/rate,... (every variant)")
   parser.add_argument("--quant_targets", choices=("qkvo", "all"), default="qkvo",
                       help="int8/nf4 adapters: qkvo (as longlora) or all 7 projections")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "lora.json"))
   args = parser.parse_args()
-  lrs, seeds = parse_lrs(args.lrs), [int(s) for s in args.seeds.split(",")]
+  variants = args.variants.split(",")
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown or "full" not in variants:
+    raise SystemExit(f"--variants={args.variants}: choose from {VARIANTS}, with full (the "
+                     "baseline of the table)")
+  lrs, seeds = parse_lrs(args.lrs, variants), [int(s) for s in args.seeds.split(",")]
   logging.set_verbosity(logging.WARNING)
   t0 = time.time()
   result = {"date": measure.now(), "machine": measure.machine(), "jax": jax.__version__,
@@ -289,12 +295,13 @@ def main():
                   "eval_loss": summary["eval_loss"], "workdir": args.init_from or "(temporary)"},
         finetune={"configs": "configs/tiny_longlora.py:<variant>", "steps": args.finetune_steps,
                   "seq_len": 1024, "batch_size": 2, "eval_batches": EVAL_BATCHES,
-                  "seeds": seeds, "learning_rates": lrs, "quant_targets": args.quant_targets},
+                  "seeds": seeds, "variants": variants, "learning_rates": lrs,
+                  "quant_targets": args.quant_targets},
         quantization=quantization_rows(base_params), variants=[], summary=[], export_parity=[])
     measure.write_json(args.out, result)
     for i, seed in enumerate(seeds):
       tuned = {}
-      for variant in VARIANTS:
+      for variant in variants:
         for lr in lrs[variant]:
           row, params, model = finetune(variant, base_params, args.finetune_steps, lr=lr,
                                         seed=seed, quant_targets=args.quant_targets)
@@ -307,7 +314,7 @@ def main():
       if i == 0:
         result["export_parity"] = [
             p for p in (export_parity(v, *tuned[v], os.path.join(tmp, f"hf_{v}"))
-                        for v in ("longlora", "nf4")) if p is not None]
+                        for v in ("longlora", "nf4") if v in tuned) if p is not None]
         measure.write_json(args.out, result)
   print_tables(result)
 
