@@ -9,16 +9,15 @@ Each run builds a fresh ctxjax.data.pipeline.PackedBatches (document shuffle, pa
 shuffle, grain prefetch threads) and times `--batches` batches, first batch included; the
 median over `--runs` runs is reported. Each run starts at a different step (a restored state),
 so runs read different rows. The train step (blockwise attention, AdamW) is timed in the same
-process, on the same shapes, so the ratio is taken in one run. Writes
-benchmarks/results/data.json and prints a table.
+process, on the same shapes, so the ratio is taken in one run; a train step slowed by other
+jobs makes the ratio LARGER (the pipeline looks further ahead than it is), so the JSON keeps the
+load average next to it. Writes benchmarks/results/data.json after every row and prints a table.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -29,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import measure  # noqa: E402  (benchmarks/measure.py)
 from ctxjax.data import corpus, demo, pipeline  # noqa: E402
 from ctxjax.data import tokenizer as tokenizer_lib  # noqa: E402
 
@@ -80,13 +80,19 @@ def main():
   docs, tok = demo_documents()
   print(f"demo corpus: {len(docs)} documents, {sum(len(d) for d in docs)} tokens", flush=True)
   rows = []
+  out = {"date": measure.now(), "machine": measure.machine(), "jax": jax.__version__,
+         "grain": getattr(grain, "__version__", None), "documents": len(docs),
+         "tokens": int(sum(len(d) for d in docs)), "batches_per_run": args.batches,
+         "command": " ".join(["python", *sys.argv]), "rows": rows}
   for seq_len in [int(s) for s in args.seq_lens.split(",")]:
     batch = TOKENS_PER_STEP // seq_len
     train = None
     if not args.no_train:
       import throughput  # benchmarks/throughput.py: the tiny model's train step
+      load = os.getloadavg()
       train = throughput.ctxjax_tokens_per_sec(seq_len, "blockwise", args.train_steps,
                                                {})["tokens_per_sec"]
+      out.setdefault("train_step_loadavg", {})[seq_len] = [list(load), list(os.getloadavg())]
     for threads in [int(t) for t in args.threads.split(",")]:
       for shards in (1, 2):
         r = pipeline_tokens_per_sec(docs, tok, seq_len=seq_len, batch_size=batch,
@@ -97,16 +103,9 @@ def main():
                      # P processes each feed B/P rows per step: demand per process = train / P.
                      "pipeline_over_train": r["tokens_per_sec"] * shards / train if train
                      else None})
+        out.update(finished=measure.now(), machine_after=measure.machine())
+        measure.write_json(args.out, out)
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "runs"}), flush=True)
-
-  out = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
-         "cpu_count": os.cpu_count(), "jax": jax.__version__, "grain": grain.__version__
-         if hasattr(grain, "__version__") else None, "documents": len(docs),
-         "tokens": int(sum(len(d) for d in docs)), "batches_per_run": args.batches,
-         "rows": rows}
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(out, f, indent=2)
   print("\n| T | batch | processes (rows/process) | threads | pipeline tokens/s (per process) "
         "| train step tokens/s | pipeline / train |")
   print("|---|---|---|---|---|---|---|")

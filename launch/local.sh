@@ -11,7 +11,7 @@ shift || true
 venv=${CTXJAX_VENV:-.venv}
 case "$task" in
   train) extras="" ;;
-  test) extras="[test,hf]" ;;
+  test) extras="[test,hf,tpu-aot]" ;;  # tpu-aot: the TPU topology compiles of tests/test_aot.py
   *) echo "launch/local.sh: unknown task '$task'; valid choices: train, test" >&2; exit 2 ;;
 esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

@@ -2,7 +2,11 @@
 import os
 import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# CPU only, also where libtpu is installed (the tpu-aot extra): an unset or empty JAX_PLATFORMS
+# would let jax look for a TPU backend. Set before jax is imported; subprocesses inherit it.
+# tests/test_aot.py's TPU compiles describe a topology through libtpu without a TPU backend.
+if not os.environ.get("JAX_PLATFORMS"):
+  os.environ["JAX_PLATFORMS"] = "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `configs` is importable as a package from the repo root
   sys.path.insert(0, ROOT)

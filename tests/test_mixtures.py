@@ -111,6 +111,18 @@ def test_global_upsample_same_rate_for_every_source(corpus, method):
   else:  # every short document once, whole; longs repeated
     assert sorted(i for i, n in pieces if i in short_in) == sorted(short_in)
     assert res.stats["params"]["long_repeat_factor"] > 1
+  # One rate for every source, counted from the returned pieces: each source keeps
+  # short_keep_probability of its short tokens (downsample_short) or repeats its long tokens
+  # long_repeat_factor times (repeat_long), to the token (one rounding per source).
+  params = res.stats["params"]
+  rate, cls = ((params["short_keep_probability"], short_in) if method == "downsample_short"
+               else (params["long_repeat_factor"], long_in))
+  assert 0 < rate != 1
+  for name in SPEC:
+    members = [i for i in cls if sources[i] == name]
+    before = sum(len(docs[i]) for i in members)
+    after = sum(n for i, n in pieces if i in cls and sources[i] == name)
+    assert before > 0 and abs(after - rate * before) <= 0.5, (name, after / before, rate)
   # Source shares drift towards long sources (the paper's caveat for `global`).
   assert _share(res.stats, "after", "book") > _share(res.stats, "before", "book")
   assert _share(res.stats, "after", "web") < _share(res.stats, "before", "web")

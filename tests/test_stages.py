@@ -92,3 +92,32 @@ def test_staged_run_walks_the_stages_and_resumes_mid_stage(tmp_path):
          if "loss" in r}
   want = {r["step"]: r["loss"] for r in rows}
   assert got == want
+
+
+def test_each_stage_builds_its_model_with_its_positional_overrides(tmp_path, monkeypatch):
+  """The model each stage's step is built from carries that stage's rope_theta / rope_scaling
+  (and the earlier stages keep config.model's): recorded from the trainer's stage runs, the
+  steps and the data skipped."""
+  from ctxjax.train import trainer  # noqa: PLC0415
+  seen = []
+
+  def record(loop, state):
+    seen.append((loop.run.stage.index, loop.run.model.cfg))
+    return state
+
+  class NoData:  # no batch is read: the steps are skipped and eval_batches is 0
+    unigram_entropy = staticmethod(lambda: 0.0)
+
+  monkeypatch.setattr(trainer, "_train_stage", record)
+  monkeypatch.setattr(trainer.data_registry, "build", lambda *a, **k: NoData())
+  linear = dict(rope_type="linear", factor=2.0)
+  config = _config([dict(seq_len=64, steps=1), dict(seq_len=128, steps=1, rope_theta=5e4),
+                    dict(seq_len=256, steps=1, rope_theta=2e5, rope_scaling=linear)])
+  config.model.update(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+  config.train.update(eval_batches=0, save_every=0)
+  config.optim.warmup_steps = 1
+  base = config.model.rope_theta
+  trainer.train(config, str(tmp_path / "run"))
+  assert [(i, m.rope_theta, m.rope_scaling) for i, m in seen] == [
+      (0, base, None), (1, 5e4, None), (2, 2e5, linear)]
