@@ -197,3 +197,17 @@ def test_generate_bad_input_one_message(overrides, kwargs, match):
   n = kwargs.pop("n")
   with pytest.raises(ValueError, match=match):
     generate(model, variables, prompt, n, **kwargs)
+
+
+def test_a_scanned_model_generates_as_its_unrolled_twin():
+  """generate decodes a scan_layers model with its parameters unstacked (params.unrolled):
+  the unrolled model on those parameters gives the scanned model's logits and tokens."""
+  from ctxjax.model import params as params_lib
+  scanned, variables = _model(scan_layers=True)
+  twin = Transformer(dataclasses.replace(scanned.cfg, scan_layers=False))
+  unrolled = {"params": params_lib.unrolled(variables["params"], scanned.cfg)}
+  tokens = np.random.default_rng(3).integers(0, 64, (2, 9)).astype(np.int32)
+  np.testing.assert_allclose(twin.apply(unrolled, tokens), scanned.apply(variables, tokens),
+                             atol=1e-6, rtol=0)
+  np.testing.assert_array_equal(generate(scanned, variables, tokens, 6),
+                                generate(twin, unrolled, tokens, 6))

@@ -7,7 +7,7 @@ Prompts are RIGHT-padded: row i's real tokens are prompt_tokens[i, :prompt_lengt
 as given in the first prompt_len columns and row i's new tokens in the rest, for every row
 (the padding stays where it was). After `eos_id` a row continues with `eos_id`.
 
-One jitted program per (batch, prompt_len, max_new_tokens, sampling) shape: the prefill runs
+Two jitted programs per (batch, prompt_len, max_new_tokens, sampling) shape: the prefill runs
 the model's own attention kernel over the prompt and fills the cache, then a `lax.while_loop`
 decodes one token per row per step (it stops early when every row has emitted eos).
 Caches are bounded (constant memory) for attention sinks, LM-Infinite, sliding-window and
@@ -21,13 +21,16 @@ of most likely tokens whose probability reaches top_p), and a draw from seed.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ctxjax.model import cached_attention, kv_cache
+from ctxjax.model import params as params_lib
 from ctxjax.model.transformer import Transformer
 from ctxjax.positions import schemes
 
@@ -66,14 +69,39 @@ def _pick(logits_BV, key, temperature: float, top_p: float):
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """The jitted pieces of `generate` for one shape: `prefill` runs the prompt and picks the
+  first token, `decode` the `lax.while_loop` of one-token steps (the cache updated in place
+  inside it). Separate so each is compiled once and can be timed alone."""
+  unroll: Callable   # variables -> the variables `prefill`/`decode` take
+  prefill: Callable  # (variables, prompt_BP, lengths_B, key) -> (out_BN, cache, done_B)
+  decode: Callable   # (variables, lengths_B, key, out_BN, cache, done_B) -> out_BN
+
+  def __call__(self, variables, prompt_BP, lengths_B, key):
+    variables = self.unroll(variables)
+    out_BN = self.decode(variables, lengths_B, key,
+                         *self.prefill(variables, prompt_BP, lengths_B, key))
+    return jnp.concatenate([prompt_BP, out_BN], axis=1)
+
+
 @functools.lru_cache(maxsize=32)
 def _program(cfg, batch: int, prompt_len: int, max_new: int, temperature: float, top_p: float,
-             eos_id: int):
-  """The jitted prefill + decode loop for one shape (cached: compiled once per shape)."""
+             eos_id: int) -> Program:
+  """`generate`'s programs for one shape (cached: compiled once per shape).
+
+  A `scan_layers` model decodes as its unrolled twin (parameters unstacked once per call, a
+  copy of the weights): a scanned layer reads and writes its slice of a stacked [L, ...]
+  cache, which XLA copies every step, where separate per-layer caches update in place."""
+  stacked = cfg
+  cfg = dataclasses.replace(cfg, scan_layers=False)
   model = Transformer(cfg)
   capacity, n_first = kv_cache.cache_capacity(cfg, prompt_len + max_new)
 
-  def run(variables, prompt_BP, lengths_B, key):
+  def unroll(variables):
+    return {**variables, "params": params_lib.unrolled(variables["params"], stacked)}
+
+  def prefill(variables, prompt_BP, lengths_B, key):
     segment_BP = (jnp.arange(prompt_len)[None, :] < lengths_B[:, None]).astype(jnp.int32)
     positions_BP = jnp.arange(prompt_len, dtype=jnp.int32)[None, :] * segment_BP
     cache = kv_cache.init_cache(cfg, batch, capacity, n_first=n_first)
@@ -81,8 +109,9 @@ def _program(cfg, batch: int, prompt_len: int, max_new: int, temperature: float,
     last_BV = jnp.take_along_axis(logits, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     out_BN = jnp.full((batch, max_new), max(eos_id, 0), jnp.int32)
     out_BN = out_BN.at[:, 0].set(_pick(last_BV, jax.random.fold_in(key, 0), temperature, top_p))
-    done_B = out_BN[:, 0] == eos_id
+    return out_BN, cache, out_BN[:, 0] == eos_id
 
+  def decode(variables, lengths_B, key, out_BN, cache, done_B):
     def cond(state):
       i, _, _, done_B = state
       return (i < max_new) & ~jnp.all(done_B)
@@ -96,10 +125,18 @@ def _program(cfg, batch: int, prompt_len: int, max_new: int, temperature: float,
       nxt_B = jnp.where(done_B, eos_id, nxt_B)
       return i + 1, out_BN.at[:, i].set(nxt_B), cache, done_B | (nxt_B == eos_id)
 
-    _, out_BN, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, cache, done_B))
-    return jnp.concatenate([prompt_BP, out_BN], axis=1)
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, cache, done_B))[1]
 
-  return jax.jit(run)
+  return Program(unroll=jax.jit(unroll) if stacked.scan_layers else (lambda v: v),
+                 prefill=jax.jit(prefill), decode=jax.jit(decode))
+
+
+def compiled(model, batch: int, prompt_len: int, max_new_tokens: int, *,
+             temperature: float = 0.0, top_p: float = 1.0, eos_id: int | None = None) -> Program:
+  """The Program `generate` runs for this shape (its prefill and decode can be timed alone,
+  as benchmarks/generate.py does)."""
+  return _program(model.cfg, int(batch), int(prompt_len), int(max_new_tokens),
+                  float(temperature), float(top_p), -1 if eos_id is None else int(eos_id))
 
 
 def generate(model, variables, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
@@ -115,6 +152,6 @@ def generate(model, variables, prompt_tokens, max_new_tokens: int, *, temperatur
   if temperature < 0 or not 0 < top_p <= 1:
     raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got temperature="
                      f"{temperature}, top_p={top_p}")
-  program = _program(cfg, prompt.shape[0], prompt.shape[1], int(max_new_tokens),
-                     float(temperature), float(top_p), -1 if eos_id is None else int(eos_id))
+  program = compiled(model, prompt.shape[0], prompt.shape[1], max_new_tokens,
+                     temperature=temperature, top_p=top_p, eos_id=eos_id)
   return program(variables, jnp.asarray(prompt), jnp.asarray(lengths), jax.random.PRNGKey(seed))

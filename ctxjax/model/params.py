@@ -51,6 +51,19 @@ def stacked_dims(cfg, path: str) -> int:
   return 1 if cfg.scan_layers and path.startswith("layers/") else 0
 
 
+def unrolled(params, cfg) -> dict:
+  """A `scan_layers` model's parameters as its unrolled twin's (`layers/layer/...` with a
+  leading [num_hidden_layers] axis -> `layers_{i}/...`): the same values, a tree per layer."""
+  out = {}
+  for path, x in flatten(nn.meta.unbox(params)).items():
+    if stacked_dims(cfg, path):
+      rest = path[len("layers/layer/"):]
+      out.update({f"layers_{i}/{rest}": x[i] for i in range(cfg.num_hidden_layers)})
+    else:
+      out[path] = x
+  return unflatten(out)
+
+
 def base_config(cfg):
   """`cfg` without adapters and with a float base: what `merge_lora`'s parameters belong to."""
   return dataclasses.replace(cfg, lora_rank=0, base_quantization="none")
