@@ -26,7 +26,8 @@ def _free_port() -> int:
 
 def _env(tmp_path, devices):
   return {**os.environ, "JAX_PLATFORMS": "cpu", "CTXJAX_DATA_DIR": str(tmp_path / "data"),
-          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+          "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"
+                       " --xla_backend_optimization_level=0"}
 
 
 def _losses(workdir):
