@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Local (CPU) entry point: makes .venv on first use, installs ctxjax and the extras the task
 # needs, then runs it. Usage:
+#   bash launch/local.sh study [--workdir=runs/study] [--preset=quick|full]
 #   bash launch/local.sh train [--config=configs/tiny.py] [--workdir=runs/tiny] [--config.x=y ...]
 #   bash launch/local.sh test  [pytest args ...]
 # CTXJAX_VENV overrides the virtualenv location.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-task=${1:-train}
+task=${1:-study}
 shift || true
 venv=${CTXJAX_VENV:-.venv}
 case "$task" in
-  train) extras="" ;;
+  train|study) extras="" ;;
   test) extras="[test,hf,tpu-aot]" ;;  # tpu-aot: the TPU topology compiles of tests/test_aot.py
-  *) echo "launch/local.sh: unknown task '$task'; valid choices: train, test" >&2; exit 2 ;;
+  *) echo "launch/local.sh: unknown task '$task'; valid choices: study, train, test" >&2; exit 2 ;;
 esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 py="$venv/bin/python"
@@ -29,6 +30,10 @@ case "$task" in
     [[ " ${args[*]-} " == *" --config="* ]] || args=(--config=configs/tiny.py "${args[@]}")
     [[ " ${args[*]-} " == *" --workdir="* ]] || args=(--workdir=runs/tiny "${args[@]}")
     exec "$py" -m ctxjax.train "${args[@]}" ;;
+  study)
+    args=("$@")
+    [[ " ${args[*]-} " == *" --workdir="* ]] || args=(--workdir=runs/study "${args[@]}")
+    exec "$py" -m ctxjax.study "${args[@]}" ;;
   test)
     # One pytest worker per core, a test file per worker (module fixtures compile once); most
     # of the suite is single-threaded XLA compilation, so this is ~2x on a 2-core machine.

@@ -1,0 +1,121 @@
+"""`python -m ctxjax.study --workdir=DIR [--preset=quick|full|smoke] [--config=FILE[:ARG]]`
+
+Runs the context-extension study of configs/study.py (its header says what it trains and
+evaluates) and writes DIR/report/README.md with tables, plots and the published findings
+checked against the numbers. A killed study resumes: run the same command again (finished
+items are kept, a half-trained run continues from its checkpoint). `--report_only` rewrites
+the report from what is finished.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string("workdir", "runs/study", "The study's directory.")
+_PRESET = flags.DEFINE_string("preset", "quick", "quick | full | smoke (configs/study.py).")
+_CONFIG = flags.DEFINE_string("config", None, "A study config file (default: configs/study.py "
+                              "of this checkout), optionally FILE:ARG (ARG replaces --preset).")
+_PARALLEL = flags.DEFINE_integer("parallel", None, "Worker processes at once (default: the "
+                                 "config's `parallel`).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+
+
+def default_config_path() -> str:
+  import ctxjax  # noqa: PLC0415
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(ctxjax.__file__))),
+                      "configs", "study.py")
+
+
+def load_study_config(path: str, arg: str):
+  """configs/<study>.py's get_config(arg); its directory's parent goes on sys.path (configs
+  import each other as `configs.<name>`)."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--config={path}: no such file; give a study config such as "
+                            "configs/study.py")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.insert(0, root)
+  spec = importlib.util.spec_from_file_location("ctxjax_study_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _pin_study(workdir: str, study) -> None:
+  """Writes DIR/study.json, or checks a resumed study's is the same plan."""
+  path = os.path.join(workdir, "study.json")
+  text = study.to_json(indent=1, sort_keys=True)
+  if os.path.isfile(path):
+    with open(path) as f:
+      if json.load(f) != json.loads(text):
+        raise ValueError(f"--workdir={workdir} holds a study with another config ({path}); "
+                         "resume it with the same --preset/--config, or give a new --workdir")
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+
+
+def _prepare_data(study) -> None:
+  """The demo corpus, tokenizer and token cache, built once before workers share them."""
+  from ctxjax.data import corpus, demo, tokenizer  # noqa: PLC0415
+  root = study.base.data.data_dir or None
+  jsonl = corpus.ensure_demo_corpus(root)
+  tok = tokenizer.ensure_demo_tokenizer(corpus.default_data_dir() if root is None else root,
+                                        study.base.model.vocab_size)
+  demo.load_or_tokenize(jsonl, tok)
+
+
+def _record_session(workdir: str, seconds: float, parallel: int) -> None:
+  """Appends this invocation's wall time to DIR/sessions.jsonl (a resumed study has several)."""
+  with open(os.path.join(workdir, "sessions.jsonl"), "a") as f:
+    f.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "wall_sec": round(seconds, 1), "parallel": parallel}) + "\n")
+
+
+def main(argv) -> None:
+  del argv
+  from ctxjax import cli  # noqa: PLC0415
+  from ctxjax.study import plan, report, scheduler  # noqa: PLC0415
+  workdir = os.path.abspath(cli.output_dir(_WORKDIR.value, "--workdir"))
+  path, _, arg = (_CONFIG.value or default_config_path()).partition(":")
+  study = load_study_config(path, arg or _PRESET.value)
+  items = plan.build(study)
+  if not _REPORT_ONLY.value:
+    _pin_study(workdir, study)
+    _prepare_data(study)
+    parallel = int(study.parallel) if _PARALLEL.value is None else _PARALLEL.value
+    total = sum(it.cost for it in items)
+    from tqdm import tqdm  # noqa: PLC0415
+    bar = tqdm(total=total, desc="study", unit="", bar_format="{l_bar}{bar}| {elapsed}<"
+               "{remaining}", disable=not sys.stderr.isatty())
+    count = [0]
+    start = time.perf_counter()
+
+    def finished(it, wall, skipped):
+      count[0] += 1
+      bar.update(it.cost)
+      state = "already done" if skipped else f"{wall:.0f} s"
+      bar.write(f"[{count[0]}/{len(items)}] {it.name}: {state} "
+                f"({time.perf_counter() - start:.0f} s into the study)")
+
+    try:
+      scheduler.run_items(workdir, items, parallel=parallel, on_finish=finished)
+    except scheduler.ItemFailed as e:
+      raise cli.UserError(str(e)) from None
+    finally:
+      bar.close()
+      _record_session(workdir, time.perf_counter() - start, parallel)
+  out = report.write_report(workdir, study, items)
+  print(f"report: {out}")
+
+
+if __name__ == "__main__":
+  from ctxjax import cli
+  cli.run("ctxjax.study", main)
