@@ -23,6 +23,9 @@ _CONFIG = flags.DEFINE_string("config", None, "A study config file (default: con
 _PARALLEL = flags.DEFINE_integer("parallel", None, "Worker processes at once (default: the "
                                  "config's `parallel`).")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+_AOT = flags.DEFINE_bool("aot", False, "Only compile every distinct training item for the "
+                         "config's aot.topology on this host (python -m ctxjax.aot) and say "
+                         "whether each fits; trains nothing.")
 
 
 def default_config_path() -> str:
@@ -65,7 +68,10 @@ def _pin_study(workdir: str, study) -> None:
 def _prepare_data(study) -> None:
   """The demo corpus, tokenizer and token cache, built once before workers share them."""
   from ctxjax.data import corpus, demo, tokenizer  # noqa: PLC0415
-  root = study.base.data.data_dir or None
+  data = study.base.data
+  if any(data.get(k) for k in ("jsonl", "tfds_name", "tokenizer")):
+    return  # a corpus of the user's: nothing to build
+  root = data.data_dir or None
   jsonl = corpus.ensure_demo_corpus(root)
   tok = tokenizer.ensure_demo_tokenizer(corpus.default_data_dir() if root is None else root,
                                         study.base.model.vocab_size)
@@ -79,6 +85,34 @@ def _record_session(workdir: str, seconds: float, parallel: int) -> None:
                         "wall_sec": round(seconds, 1), "parallel": parallel}) + "\n")
 
 
+def _aot_check(study, items, workdir: str) -> int:
+  """Compiles each distinct training item (items differing only in data or optimizer values
+  compile the same program) for study.aot.topology; 1 if one does not fit."""
+  import jax  # noqa: PLC0415
+  jax.config.update("jax_platforms", "cpu")
+  from ctxjax import aot  # noqa: PLC0415
+  from ctxjax.study import item as item_lib  # noqa: PLC0415
+  seen, reports = {}, []
+  for it in items:
+    if it.kind != "train":
+      continue
+    cfg = item_lib.train_config(study, it, workdir)
+    key = json.dumps([cfg.model.to_dict(), cfg.mesh.to_dict(), cfg.data.seq_len,
+                      cfg.data.batch_size, cfg.train.grad_accum_steps,
+                      list(cfg.optim.get("trainable") or [])], sort_keys=True, default=str)
+    if key in seen:
+      print(f"{it.model}: the same program as {seen[key]}")
+      continue
+    seen[key] = it.model
+    reports += aot.run(cfg, name=it.model, topology=study.aot.topology, devices=None,
+                       stage=None, mfu=0.4, emit=lambda r: print(aot.format_report(r),
+                                                                flush=True))
+  code, messages = aot.verdict(reports)
+  for message in messages:
+    print(message, file=sys.stderr)
+  return code
+
+
 def main(argv) -> None:
   del argv
   from ctxjax import cli  # noqa: PLC0415
@@ -87,6 +121,8 @@ def main(argv) -> None:
   path, _, arg = (_CONFIG.value or default_config_path()).partition(":")
   study = load_study_config(path, arg or _PRESET.value)
   items = plan.build(study)
+  if _AOT.value:
+    sys.exit(_aot_check(study, items, workdir))
   if not _REPORT_ONLY.value:
     _pin_study(workdir, study)
     _prepare_data(study)

@@ -68,7 +68,8 @@ def run_eval(study, item, workdir: str) -> dict:
   from ctxjax.eval.run import held_out, load_run  # noqa: PLC0415
   where = out_dir(workdir, item)
   os.makedirs(where, exist_ok=True)
-  run = load_run(os.path.join(runs_dir(workdir), item.source))
+  run = (load_run("", hf_dir=item.source[len("hf:"):]) if item.source.startswith("hf:")
+         else load_run(os.path.join(runs_dir(workdir), item.source)))
   model = _model_with(run, dict(item.model_overrides or {}))
   ev = study.eval
   docs, haystack = held_out(run)

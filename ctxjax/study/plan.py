@@ -78,24 +78,30 @@ def build(study: ml_collections.ConfigDict) -> list[Item]:
     items.append(Item(train_name(f"pretrain_{scheme}"), "train", f"pretrain_{scheme}",
                       "pretrain", cost=pretrain_cost, overrides=merged(base, over)))
   steps = int(base["train"]["steps"])
-  lengths = list(study.growlength_lengths)
-  per_stage = [steps // len(lengths)] * len(lengths)
-  per_stage[-1] += steps - sum(per_stage)
-  items.append(Item(train_name("growlength"), "train", "growlength", "growlength",
-                    cost=pretrain_cost, overrides=merged(base, {
-                        "stages": [dict(seq_len=n, steps=s) for n, s in zip(lengths, per_stage)]})))
-  rope = train_name("pretrain_rope")
-  init = {"train": {"init_from": "<runs>/pretrain_rope"}}
+  lengths = list(study.get("growlength_lengths") or [])
+  per_stage = [steps // max(1, len(lengths))] * len(lengths)
+  if lengths:
+    per_stage[-1] += steps - sum(per_stage)
+  if lengths:
+    items.append(Item(train_name("growlength"), "train", "growlength", "growlength",
+                      cost=pretrain_cost, overrides=merged(base, {"stages": [
+                          dict(seq_len=n, steps=s) for n, s in zip(lengths, per_stage)]})))
+  # The model every extension starts from: the pretrained RoPE run, or (at scale) a Hugging
+  # Face checkpoint given as `base_hf` (no pretraining items then).
+  base_hf = study.get("base_hf") or ""
+  rope = () if base_hf else (train_name("pretrain_rope"),)
+  init = ({"train": {"init_from_hf": base_hf}} if base_hf
+          else {"train": {"init_from": "<runs>/pretrain_rope"}})
   ext_mix = _mixture_overrides(study, study.extension_mixture)
   for method, over in study.extensions.items():
     items.append(Item(train_name(f"extend_{method}"), "train", f"extend_{method}", "extend",
-                      after=(rope,), overrides=merged(base, ext_mix, init, over)))
+                      after=rope, overrides=merged(base, ext_mix, init, over)))
   ablation = study.extensions[study.ablation_method]
   for mixture in study.mixtures:
     if mixture == study.extension_mixture:  # that run is extend_<ablation_method>
       continue
     items.append(Item(train_name(f"mixture_{mixture}"), "train", f"mixture_{mixture}",
-                      "mixture", after=(rope,), overrides=merged(
+                      "mixture", after=rope, overrides=merged(
                           base, _mixture_overrides(study, mixture), init, ablation)))
   for item in list(items):
     if item.model == "growlength":  # judged by its training curve and eval loss
@@ -104,8 +110,8 @@ def build(study: ml_collections.ConfigDict) -> list[Item]:
                       after=(item.name,), cost=1.5, source=item.model))
   for name, over in study.zero_shot.items():
     items.append(Item(eval_name(f"zeroshot_{name}"), "eval", f"zeroshot_{name}", "zeroshot",
-                      after=(rope,), cost=1.5, source="pretrain_rope",
-                      model_overrides=merged(over)))
+                      after=rope, cost=1.5, source=f"hf:{base_hf}" if base_hf
+                      else "pretrain_rope", model_overrides=merged(over)))
   return items
 
 

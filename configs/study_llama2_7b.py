@@ -1,0 +1,77 @@
+# The study at scale: LLaMA-2 7B (4K) extended to 80K on the per-source mixture (Fu et al.
+# 2024) with PI, YaRN, ABF and LongLoRA, the data ablation's five mixtures, and zero-shot
+# dynamic NTK / YaRN / PI / LM-Infinite, with the same plan, items and report as
+# configs/study.py (no pretraining items: the base is the Hugging Face checkpoint).
+#
+# COMMAND:   python -m ctxjax.study --config=configs/study_llama2_7b.py --aot
+#              (compiles every training item for config.aot.topology on this CPU host: fits?)
+#            python -m ctxjax.study --config=configs/study_llama2_7b.py --workdir=DIR
+#              (on a host that can train them; see docs/study.md "At scale")
+# HARDWARE:  training: a TPU v5p-128 slice per item (ring attention over 4 chips per row);
+#            the AOT check: any CPU host with libtpu (`pip install -e ".[tpu-aot]"`).
+# EXPECTED:  the AOT check prints per-chip HBM of each distinct training item; measured
+#            results are in docs/study.md "At scale" (no slice was used: nothing trained).
+import ml_collections
+
+from configs import llama2_7b_80k
+
+PRETRAIN_LEN = 4096             # LLaMA-2's context
+FACTOR = 20                     # 4096 x 20 = 81920 (Fu et al.'s 80K)
+EXTEND_STEPS = 128              # 128 x 48 x 81920 = 503M tokens per run (Fu et al.: 500M
+                                # tokens already pass the needle test at 80K, their Fig. 4)
+
+
+def get_config(arg: str = ""):
+  del arg
+  extend_len = PRETRAIN_LEN * FACTOR
+  recipe = llama2_7b_80k.get_config()
+  c = ml_collections.ConfigDict()
+  c.preset = "llama2_7b"
+  c.base = recipe
+  c.base_hf = recipe.train.init_from_hf  # SET: a local LLaMA-2 7B HF directory
+  c.base_overrides = dict(model=dict(rope_theta=10000.0),  # LLaMA-2's base; ABF raises it
+                          train=dict(steps=EXTEND_STEPS, init_from_hf=""))
+  c.pretrain_len = PRETRAIN_LEN
+  c.schemes = {}
+  c.growlength_lengths = []
+  c.factor = FACTOR
+  c.extend_steps = EXTEND_STEPS
+  c.extend_overrides = dict(data=dict(seq_len=extend_len))
+  scaling = dict(factor=float(FACTOR), original_max_position_embeddings=PRETRAIN_LEN)
+  c.extensions = {
+      "pi": dict(model=dict(rope_scaling=dict(rope_type="linear", factor=float(FACTOR)))),
+      "yarn": dict(model=dict(rope_scaling=dict(rope_type="yarn", **scaling))),
+      "abf": dict(model=dict(rope_theta=500000.0)),
+      # S2-Attn has no ring kernel: LongLoRA runs blockwise, the sequence sharded by GSPMD.
+      "longlora": dict(
+          model=dict(rope_scaling=dict(rope_type="linear", factor=float(FACTOR)), lora_rank=8,
+                     attention_mode="s2", attention_impl="blockwise",
+                     attention_options=dict(group_size=extend_len // 4)),
+          optim=dict(trainable=["lora_", "embed_tokens", "norm"])),
+  }
+  c.extension_mixture = "per_source_upsample"
+  c.zero_shot = {
+      "dynamic_ntk": dict(rope_scaling=dict(rope_type="dynamic", **scaling)),
+      "yarn": dict(rope_scaling=dict(rope_type="yarn", **scaling)),
+      "pi": dict(rope_scaling=dict(rope_type="linear", factor=float(FACTOR))),
+      "lm_infinite": dict(attention_mode="lm_infinite", attention_impl="blockwise",
+                          attention_options=dict(n_global=4, n_local=PRETRAIN_LEN)),
+  }
+  up = dict(short_threshold=4096, target_context=extend_len, long_share=0.7)
+  c.mixtures = {
+      "cut_short": dict(kind="cut_short", short_threshold=4096, target_context=extend_len),
+      "cut_long": dict(kind="cut_long", short_threshold=4096, target_context=extend_len),
+      "global_upsample": dict(kind="global_upsample", **up),
+      "per_source_upsample": dict(kind="per_source_upsample", **up),
+      "upsample_sources": dict(kind="upsample_sources", sources=["github", "arxiv", "book"],
+                               **up),
+  }
+  c.ablation_method = "abf"
+  c.eval = ml_collections.ConfigDict(dict(
+      ppl_lengths=[2048, 4096, 16384, 32768, 65536, 81920],
+      retrieval_lengths=[4096, 16384, 32768, 65536, 81920],
+      depths=[0.0, 0.25, 0.5, 0.75, 1.0], samples=4, ppl_tokens=1 << 20,
+      tasks=["passkey", "needle"]))
+  c.parallel = 1
+  c.aot = ml_collections.ConfigDict(dict(topology=recipe.aot.topology))
+  return c
