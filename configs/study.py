@@ -127,6 +127,8 @@ def get_config(preset: str = "quick"):
                                   num_attention_heads=2, num_key_value_heads=2)
     c.base_overrides.data.batch_size = 2
     c.extend_overrides.data.batch_size = 1
+    c.base_overrides.train.save_every = p["pretrain_steps"]  # one checkpoint per run
+    c.extend_overrides.train.save_every = p["extend_steps"]
     for group, keep in (("schemes", ("rope", "alibi")), ("extensions", ("pi", "longlora")),
                         ("zero_shot", ("yarn",)),
                         ("mixtures", ("cut_short", "per_source_upsample"))):
