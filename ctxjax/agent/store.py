@@ -7,8 +7,8 @@ time (Packer et al. 2023, Sec. 2.2-2.3: reads from external context are paginate
   store.search("pass key", mode="text", page=0, page_size=5)
   -> {"results": [{"id", "text", "score", "meta"}], "page", "pages", "total"}
 
-Text search ranks records by the fraction of the query's words they contain (case-insensitive,
-ties to the older record); embedding search by cosine similarity of the query's embedding and
+Text search ranks the records sharing a word with the query by BM25 (ties to the older
+record); embedding search by cosine similarity of the query's embedding and
 the records' (unit-normalised at insertion). Persisted as <name>.jsonl + <name>.npy.
 """
 from __future__ import annotations
@@ -27,21 +27,31 @@ Embed = Callable[[Sequence[str]], np.ndarray]
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def words(text: str) -> set[str]:
-  return set(_WORD.findall(text.lower()))
-
-
 def unit_rows(x_ND: np.ndarray) -> np.ndarray:
   x_ND = np.asarray(x_ND, np.float32)
   return x_ND / np.maximum(np.linalg.norm(x_ND, axis=-1, keepdims=True), 1e-12)
 
 
-def text_scores(query: str, texts: Sequence[str]) -> np.ndarray:
-  """Fraction of the query's words each text contains."""
-  want = words(query)
-  if not want:
-    return np.zeros(len(texts), np.float32)
-  return np.asarray([len(want & words(t)) / len(want) for t in texts], np.float32)
+def text_scores(query: str, texts: Sequence[str], k1: float = 1.2, b: float = 0.75
+                ) -> np.ndarray:
+  """Okapi BM25 of `query` against each text (Robertson & Zaragoza 2009: idf
+  log(1 + (N - df + 0.5) / (df + 0.5)), term frequency saturated by k1, length-normalised by
+  b), over lowercase alphanumeric words; 0 for a text sharing no word with the query. Words
+  in every text (filler) weigh little; a text repeating a rare query word ranks higher."""
+  docs = [_WORD.findall(t.lower()) for t in texts]
+  want = set(_WORD.findall(query.lower()))
+  if not docs or not want:
+    return np.zeros(len(docs), np.float32)
+  avg = max(sum(map(len, docs)) / len(docs), 1e-9)
+  df = {w: sum(w in set(d) for d in docs) for w in want}
+  idf = {w: math.log(1 + (len(docs) - df[w] + 0.5) / (df[w] + 0.5)) for w in want}
+  out = np.zeros(len(docs), np.float32)
+  for i, d in enumerate(docs):
+    norm = k1 * (1 - b + b * len(d) / avg)
+    for w in want:
+      tf = d.count(w)
+      out[i] += idf[w] * tf * (k1 + 1) / (tf + norm) if tf else 0.0
+  return out
 
 
 def paginate(order: np.ndarray, scores: np.ndarray, records: list, page: int,
