@@ -155,6 +155,18 @@ def test_archival_search_returns_the_inserted_document_by_text_and_embedding(tmp
   assert docs[2] not in [r["text"] for r in result["results"]]  # page 0 had it
 
 
+def test_centered_embedding_search_removes_the_common_direction():
+  common, eye = np.full(16, 2.5, np.float32), np.eye(16, dtype=np.float32)
+  scale = [3, 1, 1, 1, 1, 1]  # doc i = scale_i x common + its own direction e_i
+  table = {f"doc {i}": a * common + eye[i] for i, a in enumerate(scale)}
+  table["query"] = common + 0.3 * eye[3]  # mostly the common direction, a little of doc 3's
+  store = Store(embed=lambda texts: np.stack([table[t] for t in texts]))
+  store.insert_many([f"doc {i}" for i in range(6)])
+  plain = store.search("query", mode="embedding")["results"][0]["text"]
+  assert store.search("query", mode="embedding_centered")["results"][0]["text"] == "doc 3"
+  assert plain != "doc 3"  # plain cosine follows the shared direction
+
+
 def test_malformed_calls_get_an_error_and_the_loop_goes_on(tmp_path):
   session = open_session(tmp_path)
   policy = Scripted(BUDGET.window, ["I think I should answer now", '{"function": "send_mesage"}',

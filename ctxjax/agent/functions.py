@@ -9,7 +9,8 @@
   core_memory_replace(section, old_content, new_content)
   archival_insert(content)                      a document into archival storage
   archival_search(query, page=0, mode=None)     paginated; mode "embedding" (the default when
-                                                the store has an embedding function) or "text"
+                                                the store has an embedding function),
+                                                "embedding_centered" or "text"
   recall_search(query, page=0, mode="text")     the whole conversation, paginated
 
 Every function takes `request_heartbeat` (default false): true asks the processor to run again

@@ -34,7 +34,7 @@ from ctxjax.agent.store import Store
 from ctxjax.data import synthetic
 from ctxjax.eval import generate, retrieval, scoring
 
-MODES = ("embedding", "text")
+MODES = ("embedding", "embedding_centered", "text")
 
 
 def define_flags() -> None:

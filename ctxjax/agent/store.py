@@ -9,7 +9,8 @@ time (Packer et al. 2023, Sec. 2.2-2.3: reads from external context are paginate
 
 Text search ranks the records sharing a word with the query by BM25 (ties to the older
 record); embedding search by cosine similarity of the query's embedding and
-the records' (unit-normalised at insertion). Persisted as <name>.jsonl + <name>.npy.
+the records' (unit-normalised at insertion), or ("embedding_centered") after removing their
+mean. Persisted as <name>.jsonl + <name>.npy.
 """
 from __future__ import annotations
 
@@ -118,16 +119,24 @@ class Store:
     return store
 
 
-def _embedding_scores(store: Store, query: str) -> np.ndarray:
+def _embedding_scores(store: Store, query: str, centered: bool = False) -> np.ndarray:
+  """Cosine of the query's embedding and each record's; `centered` first subtracts the mean
+  record vector from both (the first step of Mu & Viswanath 2018's "all-but-the-top": mean
+  pooled hidden states share a large common direction that swamps the differences)."""
   if store.embed is None:
-    raise ValueError("mode='embedding' needs a store with an embedding function; use "
-                     "mode='text'")
+    raise ValueError("an embedding search mode needs a store with an embedding function; "
+                     "use mode='text'")
   if store.vectors is None or not len(store.records):
     return np.zeros(len(store.records), np.float32)
-  return store.vectors @ unit_rows(store.embed([query]))[0]
+  q_D = unit_rows(store.embed([query]))[0]
+  if not centered:
+    return store.vectors @ q_D
+  mean_D = store.vectors.mean(0)
+  return unit_rows(store.vectors - mean_D) @ unit_rows((q_D - mean_D)[None])[0]
 
 
 SEARCH_MODES: Registry[Callable[[Store, str], np.ndarray]] = Registry("mode")
 SEARCH_MODES.add("text", lambda store, query: text_scores(query, [r["text"] for r in
                                                                  store.records]))
 SEARCH_MODES.add("embedding", _embedding_scores)
+SEARCH_MODES.add("embedding_centered", lambda store, query: _embedding_scores(store, query, True))
