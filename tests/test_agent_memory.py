@@ -298,7 +298,11 @@ def tiny():
       num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
       scan_layers=False, dtype="float32"))
   model = Transformer(cfg)
-  return tok, model, jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  # random weights of the right shapes without compiling init
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(0)
+  return tok, model, jax.tree.map(
+      lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
 
 
 def test_hidden_state_embedder_is_the_masked_mean_of_the_final_norm(tiny):
@@ -334,3 +338,18 @@ def test_passkey_pages_keep_the_needle_whole_in_some_page():
     assert str(s.metadata["passkey"]) in tok.decode(body[a:b])
   with pytest.raises(ValueError, match="leaves"):
     paginate_document(tok, s, 12)
+
+
+def test_passkey_command_user_error_is_one_line(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "ctxjax.agent.passkey", f"--out={tmp_path}/o",
+                         f"--workdir={tmp_path}/nope"], cwd=root, capture_output=True,
+                        text=True, timeout=300,
+                        env={**os.environ, "PYTHONPATH": root, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"ctxjax.agent.passkey: --workdir={tmp_path}/nope: no such directory; give a ctxjax run "
+      f"directory")
+  assert "Traceback" not in proc.stderr

@@ -28,11 +28,8 @@ from ctxjax import cli
 from ctxjax.agent import functions
 from ctxjax.agent.agent import Agent
 from ctxjax.agent.context import Budget, WorkingContext
-from ctxjax.agent.embed import hidden_state_embedder
 from ctxjax.agent.session import Session
 from ctxjax.agent.store import Store
-from ctxjax.data import synthetic
-from ctxjax.eval import generate, retrieval, scoring
 
 MODES = ("embedding", "embedding_centered", "text")
 
@@ -51,6 +48,7 @@ def paginate_document(tok, sample, window: int):
   """(header ids, question ids, pages [(start, ids)] of the body, needle span in the body).
   Pages hold window - header - question tokens; their stride leaves room for the needle
   line, so it lies whole in at least one page."""
+  from ctxjax.data import synthetic  # noqa: PLC0415  (jax-free flag errors stay fast)
   head = tok.encode(synthetic.PASSKEY_HEADER)
   question = tok.encode(synthetic.PASSKEY_QUESTION)
   ids = sample.prompt_ids.tolist()
@@ -74,6 +72,9 @@ def _null_summary(old: str, evicted) -> str:
 
 def run(model, variables, tok, window: int, *, samples: int, factor: int, seed: int,
         out: str, echo=print) -> dict:
+  from ctxjax.agent.embed import hidden_state_embedder  # noqa: PLC0415
+  from ctxjax.data import synthetic  # noqa: PLC0415
+  from ctxjax.eval import generate, retrieval, scoring  # noqa: PLC0415
   embed = hidden_state_embedder(model, variables, tok, max_tokens=window + 1)
   rng = np.random.default_rng([seed, 1])
   prompts = {k: [] for k in ("truncated", "oracle", *MODES)}
