@@ -353,3 +353,27 @@ def test_passkey_command_user_error_is_one_line(tmp_path):
       f"ctxjax.agent.passkey: --workdir={tmp_path}/nope: no such directory; give a ctxjax run "
       f"directory")
   assert "Traceback" not in proc.stderr
+
+
+def test_model_policy_keeps_the_prompt_tail_and_cuts_at_eos():
+  from ctxjax.agent.model_policy import summarizer, text_generator, token_count
+
+  class Chars:  # a character-level stand-in tokenizer
+    bos_id, eos_id = 1, 2
+    encode = staticmethod(lambda text: [ord(c) + 3 for c in text])
+    decode = staticmethod(lambda ids: "".join(chr(i - 3) for i in ids if i > 2))
+  tok, seen = Chars(), []
+
+  def fake_generate(model, variables, rows, max_new, eos_id):
+    seen.append(rows.tolist())
+    new = tok.encode("42") + [eos_id] + tok.encode("7")
+    return np.concatenate([rows, [new[:max_new]]], axis=1)
+  gen = text_generator(None, None, tok, max_new_tokens=4, max_prompt_tokens=5,
+                       generate_fn=fake_generate)
+  assert gen("0123456789") == "42"
+  assert seen[-1] == [[tok.bos_id, *tok.encode("6789")]]  # bos + the last 4 tokens
+  whole = text_generator(None, None, tok, max_new_tokens=4, generate_fn=fake_generate)
+  assert summarizer(whole)("old", [{"role": "user", "text": "hi"}]) == "42"
+  prompt = tok.decode(seen[-1][0])
+  assert "Previous summary: old\nMessages:\nuser: hi\nSummary:" in prompt  # recursive
+  assert token_count(tok)("12 3") == 4

@@ -8,6 +8,7 @@ Think-in-Memory (Liu et al. 2023) over ctxjax generation. See docs/agent.md.
   session.py    the stores in a workdir (persist.py: atomic JSONL + .npy)
   embed.py      mean-pooled final hidden states of a ctxjax model as embeddings
   lsh.py, thoughts.py, tim.py   Think-in-Memory
+  model_policy.py  a ctxjax model as the policy and summariser (through `generate`)
   passkey.py    the real-model command: a passkey document 8x the window, paged
 """
 from ctxjax.agent.agent import Agent  # noqa: F401

@@ -102,7 +102,9 @@ def run(model, variables, tok, window: int, *, samples: int, factor: int, seed: 
       hits[mode] += hit
       rec[f"{mode}_page"], rec[f"{mode}_hit"] = start, bool(hit)
       prompts[mode].append(head + top["meta"]["tokens"] + question)
-    oracle = next(p for st, p in pages if st <= na and nb <= st + len(p))
+    holding = [p for st, p in pages if st <= na and nb <= st + len(p)]
+    rec["chance_hit"] = len(holding) / len(pages)  # a random page holds the whole needle
+    oracle = holding[0]
     prompts["oracle"].append(head + oracle + question)
     prompts["truncated"].append(s.prompt_ids.tolist()[-window:])
     records.append(rec)
@@ -122,6 +124,7 @@ def run(model, variables, tok, window: int, *, samples: int, factor: int, seed: 
     accuracy[name] = float(np.mean(scores))
     echo(f"{name:>10}: accuracy {accuracy[name]:.3f}")
   retrieval_hits = {m: hits[m] / samples for m in MODES}
+  retrieval_hits["random_page"] = float(np.mean([r["chance_hit"] for r in records]))
   echo(f"retrieval top-1 page holds the needle: {retrieval_hits}")
   return {"window": window, "document_tokens": factor * window, "factor": factor,
           "samples": samples, "pages_per_document": records[0]["pages"],
