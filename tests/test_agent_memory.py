@@ -115,6 +115,9 @@ def test_pressure_alert_then_flush_with_recursive_summary(tmp_path):
   assert first_alert < first_flush  # the warning (70%) comes before the flush (100%)
   assert tokens[first_alert] > 0.7 * 120 and alerts[first_flush] == 1  # one per period
   assert alerts[-1] >= 2
+  long = ctx.push("function", "word " * 100)  # longer than evict_frac x window / 2
+  assert word_count(long["text"]) <= 30 and ctx.tokens() <= 120
+  assert ctx.recall.records[long["id"]]["text"] == "word " * 100  # whole in recall
   assert ctx.summary.count("older messages") >= 2  # the summary folds the previous one in
   with pytest.raises(ValueError, match="budget.window=20 is too small"):
     WorkingContext("a long system text " * 3, Budget(window=20, core_limit=5,
@@ -131,6 +134,10 @@ def test_clip_and_core_memory_limits(tmp_path):
     ctx.core_replace("human", "milk", "x")
   with pytest.raises(ValueError, match="over core_limit=20"):
     ctx.core_append("persona", "word " * 30)
+  wordy = WorkingContext("s", BUDGET, Store(), lambda old, ev: old + " long summary" * 50)
+  while not wordy.evictions:
+    wordy.push("user", "one more message of seven words")
+  assert word_count(wordy.summary) <= BUDGET.summary_limit and wordy.tokens() <= BUDGET.window
 
 
 def test_archival_search_returns_the_inserted_document_by_text_and_embedding(tmp_path):
