@@ -1,4 +1,4 @@
-"""MemGPT's processor loop (Packer et al. 2023, Sec. 2.3): an event (a user message, a system
+"""MemGPT's processor loop (Packer et al. 2023, Sec. 2.3-2.4): an event (a user message, a system
 alert) is queued, the model reads the working context and answers with one function call;
 the call's result is queued; if the call asked for a heartbeat (or failed) the model runs
 again at once, else the loop yields until the next event.

@@ -1,7 +1,8 @@
 """Random-projection locality-sensitive hashing (angular LSH; Andoni et al. 2015), the hash
-Think-in-Memory indexes thoughts with (Liu et al. 2023, Sec. 3.3): with a random Gaussian
-matrix R [D, b/2], a vector x falls in bucket F(x) = argmax([xR ; -xR]) of b buckets, so
-vectors at a small angle share a bucket with high probability.
+Think-in-Memory indexes thoughts with (Liu et al. 2023; the form of Reformer, Kitaev et al.
+2020): with a random Gaussian matrix R [D, b/2], a vector x falls in bucket
+F(x) = argmax([xR ; -xR]) of b buckets, so vectors at a small angle share a bucket with high
+probability.
 
 A query's buckets ranked by the same scores give a multi-probe order (Lv et al. 2007): its
 own bucket first, then the next most likely ones.

@@ -1,4 +1,4 @@
-"""Think-in-Memory's memory of thoughts (Liu et al. 2023, Sec. 3): the model's distilled
+"""Think-in-Memory's memory of thoughts (Liu et al. 2023): the model's distilled
 "inductive thoughts" (relation triples (head, relation, tail) or short statements), stored
 in an LSH-indexed table (lsh.py) instead of the raw history, with the paper's operations:
 

@@ -1,4 +1,4 @@
-"""One Think-in-Memory turn (Liu et al. 2023, Sec. 3.1, Fig. 2): before answering, recall the
+"""One Think-in-Memory turn (Liu et al. 2023): before answering, recall the
 thoughts nearest the query (not the raw history); after answering, "post-think": distil new
 thoughts from the query and answer and insert them.
 
