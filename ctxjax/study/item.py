@@ -104,9 +104,10 @@ def run_item(workdir: str, name: str) -> dict:
     raise ValueError(f"--name={name!r} is not an item of the study in {workdir}; "
                      f"items: {sorted(items)}")
   item = items[name]
-  start = time.perf_counter()
+  start, cpu = time.perf_counter(), time.process_time()
   result = (run_train if item.kind == "train" else run_eval)(study, item, workdir)
   record = {"item": name, "wall_sec": time.perf_counter() - start,
+            "cpu_sec": time.process_time() - cpu,  # all threads of this process
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
   storage.write_text(os.path.join(out_dir(workdir, item), DONE), json.dumps(record, indent=1))
   return record
