@@ -40,6 +40,37 @@ def _mixtures(pretrain_len: int, extend_len: int) -> dict:
   }
 
 
+def methods(pretrain_len: int, factor: int) -> tuple[dict, dict]:
+  """(extensions, zero_shot) from pretrain_len to factor x pretrain_len. An extension is a
+  nested override of the training config; a zero-shot method overrides ModelConfig keys of
+  the unchanged weights."""
+  extend_len = pretrain_len * factor
+  scaling = dict(factor=float(factor), original_max_position_embeddings=pretrain_len)
+  extensions = {
+      # Chen et al. 2023 (PI): positions divided by the factor.
+      "pi": dict(model=dict(rope_scaling=dict(rope_type="linear", factor=float(factor)))),
+      # Peng et al. 2024 (YaRN).
+      "yarn": dict(model=dict(rope_scaling=dict(rope_type="yarn", **scaling))),
+      # Xiong et al. 2023 (ABF): a raised base, as Fu et al. train.
+      "abf": dict(model=dict(rope_theta=500000.0)),
+      # Chen et al. 2024 (LongLoRA): PI + LoRA on attention, embeddings and norms trainable,
+      # S2-Attn with groups of a quarter of the length while training.
+      "longlora": dict(
+          model=dict(rope_scaling=dict(rope_type="linear", factor=float(factor)), lora_rank=8,
+                     attention_mode="s2", attention_options=dict(group_size=extend_len // 4)),
+          optim=dict(trainable=["lora_", "embed_tokens", "norm"], weight_decay=0.0)),
+  }
+  zero_shot = {
+      "dynamic_ntk": dict(rope_scaling=dict(rope_type="dynamic", **scaling)),
+      "yarn": dict(rope_scaling=dict(rope_type="yarn", **scaling)),
+      "pi": dict(rope_scaling=dict(rope_type="linear", factor=float(factor))),
+      # Han et al. 2024: 4 global tokens + a window of the pretraining length.
+      "lm_infinite": dict(attention_mode="lm_infinite", attention_impl="blockwise",
+                          attention_options=dict(n_global=4, n_local=pretrain_len)),
+  }
+  return extensions, zero_shot
+
+
 PRESETS = {
     # name: pretraining steps, extension steps, eval samples per cell, scored tokens per source
     "quick": dict(pretrain_steps=300, extend_steps=60, samples=2, ppl_tokens=8192),
@@ -86,32 +117,11 @@ def get_config(preset: str = "quick"):
                 tfds_data_dir="", tokenizer="", shuffle_seed=None),
       train=dict(steps=p["extend_steps"], save_every=max(1, p["extend_steps"] // 2)),
       optim=dict(learning_rate=1e-3, warmup_steps=5))
-  scaling = dict(factor=float(factor), original_max_position_embeddings=pretrain_len)
-  c.extensions = {
-      # Chen et al. 2023 (PI): positions divided by the factor.
-      "pi": dict(model=dict(rope_scaling=dict(rope_type="linear", factor=float(factor)))),
-      # Peng et al. 2024 (YaRN).
-      "yarn": dict(model=dict(rope_scaling=dict(rope_type="yarn", **scaling))),
-      # Xiong et al. 2023 (ABF): a raised base, as Fu et al. train.
-      "abf": dict(model=dict(rope_theta=500000.0)),
-      # Chen et al. 2024 (LongLoRA): PI + LoRA on attention, embeddings and norms trainable,
-      # S2-Attn with groups of a quarter of the length while training.
-      "longlora": dict(
-          model=dict(rope_scaling=dict(rope_type="linear", factor=float(factor)), lora_rank=8,
-                     attention_mode="s2", attention_options=dict(group_size=extend_len // 4)),
-          optim=dict(trainable=["lora_", "embed_tokens", "norm"], learning_rate=2e-3,
-                     weight_decay=0.0)),
-  }
+  extensions, zero_shot = methods(pretrain_len, factor)
+  extensions["longlora"]["optim"]["learning_rate"] = 2e-3  # adapters start from zero
+  c.extensions = extensions
   c.extension_mixture = "per_source_upsample"
-  # Zero-shot: the "rope" model evaluated with a changed model config, no training.
-  c.zero_shot = {
-      "dynamic_ntk": dict(rope_scaling=dict(rope_type="dynamic", factor=float(factor),
-                                            original_max_position_embeddings=pretrain_len)),
-      "yarn": dict(rope_scaling=dict(rope_type="yarn", **scaling)),
-      "pi": dict(rope_scaling=dict(rope_type="linear", factor=float(factor))),
-      "lm_infinite": dict(attention_mode="lm_infinite", attention_impl="blockwise",
-                          attention_options=dict(n_global=4, n_local=pretrain_len)),
-  }
+  c.zero_shot = zero_shot  # "rope"'s weights with a changed model config, no training
   # Fu et al.'s data ablation: "abf" on each mixture, same steps and tokens.
   c.mixtures = _mixtures(pretrain_len, extend_len)
   c.ablation_method = "abf"

@@ -13,7 +13,7 @@
 #            results are in docs/study.md "At scale" (no slice was used: nothing trained).
 import ml_collections
 
-from configs import llama2_7b_80k
+from configs import llama2_7b_80k, study
 
 PRETRAIN_LEN = 4096             # LLaMA-2's context
 FACTOR = 20                     # 4096 x 20 = 81920 (Fu et al.'s 80K)
@@ -37,26 +37,10 @@ def get_config(arg: str = ""):
   c.factor = FACTOR
   c.extend_steps = EXTEND_STEPS
   c.extend_overrides = dict(data=dict(seq_len=extend_len))
-  scaling = dict(factor=float(FACTOR), original_max_position_embeddings=PRETRAIN_LEN)
-  c.extensions = {
-      "pi": dict(model=dict(rope_scaling=dict(rope_type="linear", factor=float(FACTOR)))),
-      "yarn": dict(model=dict(rope_scaling=dict(rope_type="yarn", **scaling))),
-      "abf": dict(model=dict(rope_theta=500000.0)),
-      # S2-Attn has no ring kernel: LongLoRA runs blockwise, the sequence sharded by GSPMD.
-      "longlora": dict(
-          model=dict(rope_scaling=dict(rope_type="linear", factor=float(FACTOR)), lora_rank=8,
-                     attention_mode="s2", attention_impl="blockwise",
-                     attention_options=dict(group_size=extend_len // 4)),
-          optim=dict(trainable=["lora_", "embed_tokens", "norm"])),
-  }
+  c.extensions, c.zero_shot = study.methods(PRETRAIN_LEN, FACTOR)
+  # S2-Attn has no ring kernel: LongLoRA runs blockwise, the sequence sharded by GSPMD.
+  c.extensions.longlora.model.attention_impl = "blockwise"
   c.extension_mixture = "per_source_upsample"
-  c.zero_shot = {
-      "dynamic_ntk": dict(rope_scaling=dict(rope_type="dynamic", **scaling)),
-      "yarn": dict(rope_scaling=dict(rope_type="yarn", **scaling)),
-      "pi": dict(rope_scaling=dict(rope_type="linear", factor=float(FACTOR))),
-      "lm_infinite": dict(attention_mode="lm_infinite", attention_impl="blockwise",
-                          attention_options=dict(n_global=4, n_local=PRETRAIN_LEN)),
-  }
   up = dict(short_threshold=4096, target_context=extend_len, long_share=0.7)
   c.mixtures = {
       "cut_short": dict(kind="cut_short", short_threshold=4096, target_context=extend_len),
