@@ -121,22 +121,22 @@ def tiny_model():
 
 def test_model_retrieves_top_k_blocks_only_at_inference(tiny_model):
   from ctxjax.model import Transformer, model_config_from_dict
+  from ctxjax.model.landmark_generate import _logits  # jitted apply, shared with generation
   model, variables, tokens = tiny_model
-  apply = lambda m, **kw: jax.jit(lambda v, t: m.apply(v, t, **kw))(variables, tokens)
-  train = apply(model, train=True)
-  np.testing.assert_allclose(apply(model), train, atol=1e-6)  # top_k=8 >= the 5 past blocks
+  train = jax.jit(lambda v, t: model.apply(v, t, train=True))(variables, tokens)
+  np.testing.assert_allclose(_logits(model, variables, tokens), train, atol=1e-6)  # 8 >= 5 blocks
   top1 = Transformer(model_config_from_dict(_model_dict(top_k=1)))
-  assert np.abs(apply(top1) - train).max() > 1e-3
+  assert np.abs(_logits(top1, variables, tokens) - train).max() > 1e-3
 
 
 def test_landmark_generate_reads_a_prompt_past_the_training_length(tiny_model):
   from ctxjax.model.landmark_generate import content_logits, landmark_generate
   model, variables, tokens = tiny_model
-  prompt = np.asarray(tokens)[:, :20]
+  prompt = np.asarray(tokens)[:, :15]  # 15 + 3 tokens: 24 slots, past 4 training blocks
   out = landmark_generate(model, variables, prompt, 3)
-  np.testing.assert_array_equal(out[:, :20], prompt)
+  np.testing.assert_array_equal(out[:, :15], prompt)
   logits = content_logits(model, variables, out)  # teacher forcing agrees with greedy
-  np.testing.assert_array_equal(np.argmax(np.asarray(logits)[:, 19:22, :64], -1), out[:, 20:])
+  np.testing.assert_array_equal(np.argmax(np.asarray(logits)[:, 14:17, :64], -1), out[:, 15:])
   with pytest.raises(ValueError, match="landmark id 64"):
     landmark_generate(model, variables, np.full((1, 4), 64), 1)
 
@@ -162,11 +162,10 @@ def test_landmark_options_are_checked():
 
 
 def test_tiny_landmark_config_trains():
-  """configs/tiny_landmark.py shrunk: its data source inserts landmarks into demo rows and the
-  trainer's step (ctxjax/train/step.py) learns on them."""
+  """configs/tiny_landmark.py shrunk: the trainer's step (ctxjax/train/step.py) learns on rows
+  with landmarks."""
   import optax
   from configs import tiny_landmark
-  from ctxjax.data import registry
   from ctxjax.data.config import data_config
   from ctxjax.model import Transformer, model_config_from_dict
   from ctxjax.train.step import TrainState, make_train_step
@@ -176,9 +175,12 @@ def test_tiny_landmark_config_trains():
   config.data.update(seq_len=32, batch_size=2)
   model_cfg = model_config_from_dict(config.model.to_dict())
   data_cfg = data_config(config.data.to_dict())
-  batch = next(registry.build(data_cfg, model_cfg, seed=0).train_batches())
-  assert (batch["inputs"][:, 7::8] == 1024).all() and (batch["loss_mask"][:, 7::8] == 0).all()
-  assert (batch["inputs"][:, np.arange(32) % 8 != 7] < 1024).all()
+  ids = np.random.default_rng(0).integers(0, 1024, (2, 29)).astype(np.int32)
+  batch = insert_landmarks(dict(inputs=ids[:, :-1], targets=ids[:, 1:],
+                                positions=np.broadcast_to(np.arange(28, dtype=np.int32), (2, 28)),
+                                segment_ids=np.ones((2, 28), np.int32),
+                                loss_mask=np.ones((2, 28), np.float32)),
+                           seq_len=32, mem_freq=7, landmark_id=1024)
   plain = Transformer(dataclasses.replace(model_cfg, attention_mode="standard",
                                           attention_options_items=()))
   params = jax.jit(plain.init)(jax.random.PRNGKey(0), batch["inputs"])["params"]
@@ -192,6 +194,38 @@ def test_tiny_landmark_config_trains():
     losses.append(float(metrics["loss"]))
   assert losses[0] == pytest.approx(np.log(1025), abs=0.1)  # uniform over 1025 ids at init
   assert losses[2] < losses[0] - 0.1, losses
+
+
+class _Rows:
+  """A stand-in data source: content rows of its seq_len, ids below its vocab_size."""
+  def __init__(self, data_cfg, model_cfg, seed):
+    self.shape, self.vocab = (data_cfg.batch_size, data_cfg.seq_len), model_cfg.vocab_size
+
+  def train_batches(self):
+    ones = np.ones(self.shape, np.int32)
+    while True:
+      yield dict(inputs=ones * (self.vocab - 1), targets=ones, positions=np.cumsum(ones, 1) - 1,
+                 segment_ids=ones, loss_mask=ones.astype(np.float32))
+
+  def unigram_entropy(self):
+    return 1.5
+
+
+def test_landmark_source_wraps_a_source_with_the_content_vocabulary():
+  from configs import tiny_landmark
+  from ctxjax.data.config import data_config
+  from ctxjax.data.landmark import LandmarkSource
+  from ctxjax.model import model_config_from_dict
+  config = tiny_landmark.get_config()
+  config.data.update(seq_len=64, batch_size=2)
+  source = LandmarkSource(_Rows, data_config(config.data.to_dict()),
+                          model_config_from_dict(config.model.to_dict()), seed=0)
+  batch = next(source.train_batches())
+  mem = np.arange(64) % 32 == 31
+  assert batch["inputs"].shape == (2, 64) and (batch["inputs"][:, mem] == 1024).all()
+  assert (batch["inputs"][:, ~mem] == 1023).all()  # the inner source saw vocab_size 1024
+  np.testing.assert_array_equal(batch["positions"][0], np.arange(64))
+  assert source.unigram_entropy() == 1.5
 
 
 def test_landmark_source_needs_the_last_id_for_the_landmark():
