@@ -1,7 +1,7 @@
 """Memory / retrieval attention vs plain RoPE: passkey accuracy past the training length.
 
   python benchmarks/memory.py [--kinds=rope,landmark] [--steps=2000] [--multiples=1,4,8,16]
-                              [--samples=4] [--depths=0,0.5,1] [--out=benchmarks/results/memory.json]
+      [--samples=4] [--depths=0,0.5,1] [--out=benchmarks/results/memory.json]
 
 Every kind trains configs/tiny_passkey.py's recipe: the demo corpus with passkey prompts mixed
 in, at data.seq_len (256). The training runs in this process with ctxjax.train's trainer. Each
