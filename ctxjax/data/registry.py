@@ -34,6 +34,20 @@ def _mixture(data_cfg, model_cfg, *, seed: int):
   return MixtureSource(data_cfg, model_cfg, seed)
 
 
+@SOURCES.register("demo_landmark")
+def _demo_landmark(data_cfg, model_cfg, *, seed: int):
+  """"demo" rows with landmark tokens (Mohtashami & Jaggi 2023; ctxjax/data/landmark.py)."""
+  from ctxjax.data.landmark import LandmarkSource
+  return LandmarkSource(_demo, data_cfg, model_cfg, seed)
+
+
+@SOURCES.register("mixture_landmark")
+def _mixture_landmark(data_cfg, model_cfg, *, seed: int):
+  """"mixture" rows with landmark tokens (ctxjax/data/landmark.py)."""
+  from ctxjax.data.landmark import LandmarkSource
+  return LandmarkSource(_mixture, data_cfg, model_cfg, seed)
+
+
 def build(data_cfg, model_cfg, *, seed: int):
   """The source `data_cfg.name` (a DataConfig: ctxjax/data/config.py) names."""
   return SOURCES.get(data_cfg.name)(data_cfg, model_cfg, seed=seed)

@@ -10,6 +10,9 @@
   lm_infinite  LM-Infinite (Han et al. 2024): Lambda mask with the distance ceiling — global
                keys unrotated, queries rotated by min(distance, n_local). Options: n_global,
                n_local.
+  landmark     Landmark attention (Mohtashami & Jaggi 2023): grouped softmax in training, top-k
+               block retrieval at inference (landmark_mode.py). Options: mem_freq, top_k,
+               landmark_token_id.
 Options come from `model.attention_options` (a dict); each mode validates its own keys.
 """
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ctxjax import attention
 from ctxjax.attention.dilated import dilated_attention
 from ctxjax.attention.lm_infinite import lm_infinite_attention
 from ctxjax.attention.s2 import s2_attention
+from ctxjax.model import landmark_mode
 from ctxjax.registry import Registry
 
 
@@ -88,6 +92,8 @@ register_mode(Mode("dilated", _dilated, {"segment_lengths": tuple, "dilation_rat
                    kernels=("reference", "blockwise"), allows_alibi=False))
 register_mode(Mode("lm_infinite", _lm_infinite, {"n_global": int, "n_local": int},
                    kernels=("reference", "blockwise"), needs_rotary=True, allows_alibi=False))
+register_mode(Mode("landmark", landmark_mode.run, landmark_mode.OPTIONS,
+                   kernels=landmark_mode.KERNELS, allows_alibi=False))
 
 
 def validate_mode(name: str, options: dict, *, impl: str, scheme) -> dict:
