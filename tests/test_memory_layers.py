@@ -1,6 +1,7 @@
 """Memory layers: kNN memory (Wu et al. 2022), Focused Transformer (Tworkowski et al. 2023),
 LongMem (Wang et al. 2023). ctxjax/model/knn_memory.py, memory_layer.py, longmem.py,
 memory_inference.py."""
+import functools
 import re
 
 import jax
@@ -18,16 +19,20 @@ WINDOW, T = 8, 32
 BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=H, num_key_value_heads=K, head_dim=D,
             max_position_embeddings=128, scan_layers=False, memory_window=WINDOW)
-KINDS = {
-    "memorizing": dict(memory_layers=[1], memory_size=16, memory_neighbors=5),
-    "fot": dict(memory_layers=[-1], memory_size=16),
-    "longmem": dict(memory_layers=[0], memory_size=24, memory_neighbors=6, side_layers=2,
-                    side_memory_layer=1),
+KINDS = {  # one layer where another would add compile time, not coverage
+    "memorizing": dict(memory_layers=[0], memory_size=16, memory_neighbors=5,
+                       num_hidden_layers=1),
+    "fot": dict(memory_layers=[-1], memory_size=16),  # layer 0 without memory: windowed only
+    "longmem": dict(memory_layers=[0], memory_size=24, memory_neighbors=6, side_layers=1,
+                    num_hidden_layers=1),
 }
 
 
 def _cfg(kind, **overrides):
   return model_config_from_dict({**BASE, "memory_kind": kind, **KINDS[kind], **overrides})
+
+
+_write = jax.jit(knn_memory.write)
 
 
 def _rand(key, *shape):
@@ -37,26 +42,29 @@ def _rand(key, *shape):
 def test_exact_knn_over_whole_context_equals_full_attention():
   s = 12
   q_BTHD, k_BSKD, v_BSKD = _rand(0, B, 5, H, D), _rand(1, B, s, K, D), _rand(2, B, s, K, D)
-  want = reference_attention(q_BTHD, k_BSKD, v_BSKD, q_positions=jnp.zeros((B, 5), jnp.int32),
+  want = jax.jit(reference_attention, static_argnames="pattern")(
+      q_BTHD, k_BSKD, v_BSKD, q_positions=jnp.zeros((B, 5), jnp.int32),
                              k_positions=jnp.zeros((B, s), jnp.int32),
                              q_segment_ids=jnp.ones((B, 5), jnp.int32),
                              k_segment_ids=jnp.ones((B, s), jnp.int32),
                              pattern=make_pattern("full"))
   q = q_BTHD.reshape(B, 5, K, H // K, D)
-  for size in (s, 2 * s):  # exactly full; half of the slots still empty (masked)
-    mem = knn_memory.write(knn_memory.init(B, size, K, D), k_BSKD, v_BSKD)
-    out, _, visible = knn_memory.attend(q, mem.keys_BMKD, mem.values_BMKD,
-                                        mem.valid_BM[:, None, None, None, :], scale=D ** -0.5,
-                                        neighbours=s)
-    assert bool(visible.all())
-    np.testing.assert_allclose(out.reshape(B, 5, H, D), want, atol=2e-6, rtol=1e-5)
+
+  @jax.jit
+  def search(mem):
+    return knn_memory.attend(q, mem.keys_BMKD, mem.values_BMKD,
+                             mem.valid_BM[:, None, None, None, :], scale=D ** -0.5, neighbours=s)
+  out, _, visible = search(_write(knn_memory.init(B, s, K, D), k_BSKD, v_BSKD))
+  assert bool(visible.all())
+  np.testing.assert_allclose(out.reshape(B, 5, H, D), want, atol=2e-6, rtol=1e-5)
 
 
 def test_top_k_keeps_only_the_nearest_entries():
   q = _rand(3, 1, 1, 1, 1, D)
   keys = _rand(4, 1, 10, 1, D)
   values = jnp.eye(10).reshape(1, 10, 1, 10)  # entry i's value marks coordinate i
-  out, _, _ = knn_memory.attend(q, keys, values, True, scale=1.0, neighbours=3)
+  out, _, _ = jax.jit(functools.partial(knn_memory.attend, scale=1.0, neighbours=3))(
+      q, keys, values, True)
   logits = np.asarray(keys[0, :, 0] @ q[0, 0, 0, 0])
   np.testing.assert_array_equal(np.flatnonzero(out[0, 0, 0, 0]), np.sort(np.argsort(-logits)[:3]))
 
@@ -66,14 +74,14 @@ def test_fifo_eviction_keeps_the_newest_entries_oldest_first():
     x = jnp.arange(lo, hi, dtype=jnp.float32).reshape(1, -1, 1, 1)
     return x, x
   mem = knn_memory.init(1, 4, 1, 1)
-  mem = knn_memory.write(mem, *entries(0, 3))
+  mem = _write(mem, *entries(0, 3))
   np.testing.assert_array_equal(mem.valid_BM[0], [True, True, True, False])
-  mem = knn_memory.write(mem, *entries(3, 6))  # 6 written into 4 slots: 0 and 1 evicted
+  mem = _write(mem, *entries(3, 6))  # 6 written into 4 slots: 0 and 1 evicted
   view = knn_memory.ordered(mem)
   np.testing.assert_array_equal(view.keys_BMKD[0, :, 0, 0], [2, 3, 4, 5])
   np.testing.assert_array_equal(view.values_BMKD[0, :, 0, 0], [2, 3, 4, 5])
   assert int(mem.written) == 6 and bool(mem.valid_BM.all())
-  once = knn_memory.ordered(knn_memory.write(knn_memory.init(1, 4, 1, 1), *entries(0, 7)))
+  once = knn_memory.ordered(_write(knn_memory.init(1, 4, 1, 1), *entries(0, 7)))
   np.testing.assert_array_equal(once.keys_BMKD[0, :, 0, 0], [3, 4, 5, 6])
 
 
@@ -113,14 +121,17 @@ def tokens():
 @pytest.fixture(scope="module", params=sorted(KINDS))
 def built(request, tokens):
   model = Transformer(_cfg(request.param))
-  params = model.init(jax.random.PRNGKey(1), tokens)["params"]
-  params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), params)  # gates away from 0
-  return request.param, model, params
+
+  @jax.jit
+  def init_and_forward(key):  # one compile for both
+    params = model.init(key, tokens)["params"]
+    params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), params)  # gates away from 0
+    return params, model.apply({"params": params}, tokens)
+  return (request.param, model, *init_and_forward(jax.random.PRNGKey(1)))
 
 
 def test_window_by_window_inference_equals_the_parallel_training_forward(built, tokens):
-  kind, model, params = built
-  want = model.apply({"params": params}, tokens)
+  kind, model, params, want = built
   got, memory = memory_inference.run_windows(model, params, tokens)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
   state = jax.tree.leaves(memory, is_leaf=lambda x: isinstance(x, knn_memory.KNNMemory))[0]
@@ -135,20 +146,24 @@ def test_window_by_window_inference_equals_the_parallel_training_forward(built, 
 
 
 def test_generate_continues_the_windowed_forward(built, tokens):
-  kind, model, params = built
+  kind, model, params, _ = built
   prompt = np.asarray(tokens[:, :WINDOW + 3])
   out = memory_inference.generate(model, params, prompt, 7)  # crosses a window boundary
   full = np.concatenate([prompt, out], axis=1)
   logits, _ = memory_inference.run_windows(model, params, jnp.asarray(full[:, :2 * WINDOW]))
   np.testing.assert_array_equal(np.argmax(logits[:, WINDOW + 2:2 * WINDOW - 1], -1),
                                 out[:, :WINDOW - 3])
+  rows = memory_inference.generate_fn(model, {"params": params}, prompt, 7)  # retrieval grids
+  np.testing.assert_array_equal(rows, full)
+  with pytest.raises(ValueError, match="greedily"):
+    memory_inference.generate_fn(model, {"params": params}, prompt, 7, temperature=0.5)
 
 
 def test_longmem_backbone_gets_exactly_zero_gradient(built, tokens):
-  kind, model, params = built
+  kind, model, params, _ = built
   if kind != "longmem":
     pytest.skip("LongMem only")
-  grads = jax.grad(lambda p: _loss(model, p, tokens))(params)
+  grads = jax.jit(jax.grad(lambda p: _loss(model, p, tokens)))(params)
   flat = {jax.tree_util.keystr(k): g for k, g in jax.tree_util.tree_leaves_with_path(grads)}
   side = {k: g for k, g in flat.items() if "side_layers" in k}
   frozen = {k: g for k, g in flat.items() if "side_layers" not in k}
@@ -170,7 +185,7 @@ def test_gradient_through_stored_keys_only_for_fot(kind, flows):
   def f(k, v):
     out, _, _ = memory_layer._training_memory(cfg, q, k, v, segments, opts)
     return jnp.sum(out ** 2)
-  gk, gv = jax.grad(f, argnums=(0, 1))(k_BTKD, v_BTKD)
+  gk, gv = jax.jit(jax.grad(f, argnums=(0, 1)))(k_BTKD, v_BTKD)
   assert bool(jnp.any(gk != 0)) == flows and bool(jnp.any(gv != 0)) == flows
 
 

@@ -89,3 +89,19 @@ def generate(model, params, prompt_BT, max_new_tokens: int) -> np.ndarray:
     else:
       pending = np.concatenate([pending, token], axis=1)
   return np.concatenate(new, axis=1)
+
+
+def generate_fn(model, variables, prompt_tokens, max_new_tokens: int, *,
+                temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                prompt_lengths=None, eos_id: int | None = None) -> np.ndarray:
+  """`generate` behind ctxjax.eval.generation.generate's signature, for the retrieval grids
+  (ctxjax/eval/retrieval.py): greedy, equal-length prompts; -> [B, prompt + new]."""
+  del seed, eos_id  # greedy; the grid cuts at eos itself
+  prompt = np.asarray(prompt_tokens, np.int32)
+  if temperature != 0.0 or top_p != 1.0:
+    raise ValueError("memory models decode greedily: temperature=0, top_p=1")
+  if prompt_lengths is not None and np.any(np.asarray(prompt_lengths) != prompt.shape[1]):
+    raise ValueError("memory models decode equal-length prompts (prompt_lengths = prompt "
+                     "length)")
+  new = generate(model, variables["params"], prompt, max_new_tokens)
+  return np.concatenate([prompt, new.astype(np.int32)], axis=1)

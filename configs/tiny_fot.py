@@ -1,0 +1,17 @@
+# Focused Transformer (Tworkowski et al. 2023, LongLLaMA) on configs/tiny.py: each 256-token row
+# is read as 4 windows of 64 tokens (the local context, LongLLaMA's last_context_length); memory
+# layer 2 attends in one softmax to its window and to the keys/values of the previous 3 windows
+# of its document (RoPE-encoded as at position 0), and, in training only, to the same keys of 3
+# other rows of the batch (cross-batch negatives, back-propagated through). At inference the
+# memory holds the last 192 keys of earlier windows of the same input.
+#
+# COMMAND:   python -m ctxjax.train --config=configs/tiny_fot.py --workdir=runs/fot
+# HARDWARE:  2 CPU cores; see EXPECTED for the time.
+# EXPECTED:  see docs/memory.md ("Memory layers") for the measured run.
+from configs import tiny
+from configs.tiny_memorizing import memory_model
+
+
+def get_config():
+  return memory_model(tiny.get_config(), memory_kind="fot", memory_layers=[2],
+                      memory_cross_batch=3)
