@@ -8,10 +8,9 @@
 # COMMAND:   python -m ctxjax.train --config=configs/tiny_fot.py --workdir=runs/fot
 # HARDWARE:  2 CPU cores; see EXPECTED for the time.
 # EXPECTED:  see docs/memory.md ("Memory layers") for the measured run.
-from configs import tiny
-from configs.tiny_memorizing import memory_model
+from configs.tiny_memorizing import base, memory_model
 
 
-def get_config():
-  return memory_model(tiny.get_config(), memory_kind="fot", memory_layers=[2],
-                      memory_cross_batch=3)
+def get_config(arg: str = ""):
+  config, layer = base(arg)
+  return memory_model(config, memory_kind="fot", memory_layers=[layer], memory_cross_batch=3)

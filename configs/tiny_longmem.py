@@ -9,13 +9,13 @@
 #                --config.train.init_from=runs/tiny
 # HARDWARE:  2 CPU cores; see EXPECTED for the time.
 # EXPECTED:  see docs/memory.md ("Memory layers") for the measured run.
-from configs import tiny
-from configs.tiny_memorizing import memory_model
+from configs.tiny_memorizing import base, memory_model
 from ctxjax.model.longmem import TRAINABLE
 
 
-def get_config():
-  config = memory_model(tiny.get_config(), memory_kind="longmem", memory_layers=[2],
+def get_config(arg: str = ""):
+  config, layer = base(arg)
+  config = memory_model(config, memory_kind="longmem", memory_layers=[layer],
                         memory_neighbors=32, side_layers=2, side_memory_layer=-1)
   config.optim.trainable = TRAINABLE
   config.optim.weight_decay = 0.0

@@ -6,15 +6,27 @@
 #
 # COMMAND:   python -m ctxjax.train --config=configs/tiny_memorizing.py --workdir=runs/memorizing
 #            (inference over any length: ctxjax.model.memory_inference.run_windows / generate)
+# `:passkey` (configs/tiny_memorizing.py:passkey, any memory config): the same memory on
+# configs/tiny_passkey.py's 2-layer model and corpus, memory in the last layer
+# (benchmarks/memory_layers.py).
 # HARDWARE:  2 CPU cores; see EXPECTED for the time.
 # EXPECTED:  see docs/memory.md ("Memory layers") for the measured run.
-from configs import tiny
+from configs import tiny, tiny_passkey
 
 WINDOW = 64
+BASES = {"": (tiny, 2), "passkey": (tiny_passkey, -1)}  # arg -> (base config, memory layer)
+
+
+def base(arg: str):
+  """(base config, its memory layer) for a memory config's argument."""
+  if arg not in BASES:
+    raise ValueError(f"config argument {arg!r}; valid choices: {sorted(BASES)}")
+  module, layer = BASES[arg]
+  return module.get_config(), layer
 
 
 def memory_model(config, **memory):
-  """configs/tiny.py's model as a memory model (shared by the memory configs)."""
+  """A base config's model as a memory model (shared by the memory configs)."""
   defaults = dict(memory_window=WINDOW, memory_size=3 * WINDOW, memory_neighbors=0,
                   memory_cross_batch=0, memory_search="exact", memory_recall_target=0.95,
                   side_layers=0, side_memory_layer=-1)
@@ -22,6 +34,7 @@ def memory_model(config, **memory):
   return config
 
 
-def get_config():
-  return memory_model(tiny.get_config(), memory_kind="memorizing", memory_layers=[2],
+def get_config(arg: str = ""):
+  config, layer = base(arg)
+  return memory_model(config, memory_kind="memorizing", memory_layers=[layer],
                       memory_neighbors=32)

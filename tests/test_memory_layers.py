@@ -67,6 +67,11 @@ def test_top_k_keeps_only_the_nearest_entries():
       q, keys, values, True)
   logits = np.asarray(keys[0, :, 0] @ q[0, 0, 0, 0])
   np.testing.assert_array_equal(np.flatnonzero(out[0, 0, 0, 0]), np.sort(np.argsort(-logits)[:3]))
+  # More neighbours than entries (a short training row): all of them, as without a search.
+  few, _, _ = jax.jit(functools.partial(knn_memory.attend, scale=1.0, neighbours=30))(
+      q, keys, values, True)
+  every, _, _ = jax.jit(functools.partial(knn_memory.attend, scale=1.0))(q, keys, values, True)
+  np.testing.assert_allclose(few, every, rtol=1e-6)
 
 
 def test_fifo_eviction_keeps_the_newest_entries_oldest_first():

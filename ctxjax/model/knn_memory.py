@@ -75,6 +75,7 @@ def attend(q_BTKGD, keys_BSKD, values_BSKD, mask, *, scale: float, neighbours: i
   logits = jnp.einsum("btkgd,bskd->btkgs", q_BTKGD, keys_BSKD,
                       preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mask, logits, MASKED)
+  neighbours = min(neighbours, logits.shape[-1])  # a short training row has fewer entries
   if neighbours:
     logits, idx = top_neighbours(logits, neighbours, approx=approx, recall_target=recall_target)
     values_BKSD = jnp.swapaxes(values_BSKD, 1, 2)[:, None, :, None]  # [B, 1, K, 1, S, D]

@@ -59,10 +59,9 @@ def training_memory_mask(segment_ids_BT, window: int, size: int, negatives: int)
   start = (t // window) * window  # first position of t's window
   visible = (t[None, :] < start[:, None]) & (t[None, :] >= start[:, None] - size)  # [T, S]
   same_doc = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]  # [B, T, S]
-  positives = visible[None] & same_doc
-  others = jnp.broadcast_to(jnp.asarray(visible)[None, :, None, :],
-                            (segment_ids_BT.shape[0], length, negatives, length))
-  return jnp.concatenate([positives[:, :, None, :], others], axis=2)
+  negative = jnp.asarray(np.arange(1 + negatives) > 0)  # [R]: r > 0 needs no same document
+  return (jnp.asarray(visible)[None, :, None, :] &
+          (negative[None, None, :, None] | same_doc[:, :, None, :]))
 
 
 def _grouped(cfg, q_BTHD):
