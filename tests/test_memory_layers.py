@@ -160,6 +160,8 @@ def test_generate_continues_the_windowed_forward(built, tokens):
                                 out[:, :WINDOW - 3])
   rows = memory_inference.generate_fn(model, {"params": params}, prompt, 7)  # retrieval grids
   np.testing.assert_array_equal(rows, full)
+  short = memory_inference.generate(model, params, prompt[:, :3], 2)  # inside the first window
+  np.testing.assert_array_equal(short[:, 0], np.argmax(logits[:, 2], -1))
   with pytest.raises(ValueError, match="greedily"):
     memory_inference.generate_fn(model, {"params": params}, prompt, 7, temperature=0.5)
 

@@ -75,7 +75,9 @@ def generate(model, params, prompt_BT, max_new_tokens: int) -> np.ndarray:
   full = (prompt.shape[1] // window) * window
   if prompt.shape[1] == full:  # keep at least one token as local context
     full -= window
-  _, memory = run_windows(model, params, jnp.asarray(prompt[:, :full]))
+  memory = init_memory(cfg, prompt.shape[0])
+  if full:
+    _, memory = run_windows(model, params, jnp.asarray(prompt[:, :full]), memory)
   pending = prompt[:, full:]
   new = []
   for _ in range(max_new_tokens):
