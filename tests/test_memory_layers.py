@@ -228,13 +228,3 @@ def test_hf_export_refuses_memory_models(tmp_path):
   with pytest.raises(ValueError, match=re.escape("model.memory_kind='fot'")):
     hf.save(Transformer(_cfg("fot")), {"params": {}}, tmp_path / "out")
 
-
-def test_a_plain_run_may_start_a_memory_model():
-  from ctxjax.train import checkpoint, init_from
-  plain = model_config_from_dict({**BASE, **KINDS["longmem"], "memory_layers": [],
-                                  "side_layers": 0}).to_dict()
-  assert checkpoint.config_differences(plain, _cfg("longmem").to_dict(),
-                                       ignore=init_from._ADAPTER_KEYS) == []
-  changed = dict(plain, hidden_size=64)
-  assert checkpoint.config_differences(changed, _cfg("longmem").to_dict(),
-                                       ignore=init_from._ADAPTER_KEYS) != []

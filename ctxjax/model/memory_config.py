@@ -24,10 +24,6 @@ for _name, _about in (
     ("longmem", "frozen backbone + side network reading its memory (Wang et al. 2023)")):
   MEMORY_KINDS.add(_name, _about)
 SEARCHES = ("exact", "approx")
-# Keys a plain (memory_kind none) checkpoint may differ in when it starts a memory model.
-MEMORY_KEYS = ("memory_kind", "memory_layers", "memory_window", "memory_size",
-               "memory_neighbors", "memory_cross_batch", "memory_search",
-               "memory_recall_target", "side_layers", "side_memory_layer")
 
 
 def _int(merged, key, minimum):

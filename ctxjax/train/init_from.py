@@ -19,13 +19,11 @@ from absl import logging
 
 from ctxjax.model import param_loader
 from ctxjax.model import params as params_lib
-from ctxjax.model.memory_config import MEMORY_KEYS
 from ctxjax.train import checkpoint as checkpoint_lib
 
 # New LoRA adapters on a plain checkpoint are LongLoRA's start: they keep their init; a float
 # checkpoint under a quantized base is LongQLoRA's (its kernels are quantized on load).
-_ADAPTER_KEYS = ("lora_rank", "lora_targets", "base_quantization", "quant_block_size",
-                 *MEMORY_KEYS)  # a plain run is LongMem's frozen backbone / a FoT start
+_ADAPTER_KEYS = ("lora_rank", "lora_targets", "base_quantization", "quant_block_size")
 
 
 def _from_run(workdir: str, shardings: dict, model_cfg) -> tuple[dict, str]:
