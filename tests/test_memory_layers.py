@@ -228,3 +228,15 @@ def test_hf_export_refuses_memory_models(tmp_path):
   with pytest.raises(ValueError, match=re.escape("model.memory_kind='fot'")):
     hf.save(Transformer(_cfg("fot")), {"params": {}}, tmp_path / "out")
 
+
+
+@pytest.mark.parametrize("name", ["memorizing", "fot", "longmem"])
+def test_passkey_variants_are_memory_models_of_the_passkey_model(name):
+  from ml_collections.config_flags import config_flags as cf
+  root = __file__.rsplit("/tests/", 1)[0]
+  parse = lambda arg: cf.ConfigFileFlagParser(name="config").parse(
+      f"{root}/configs/tiny_{name}.py:{arg}")
+  cfg = model_config_from_dict(parse("passkey").model)
+  assert cfg.memory_kind == name and cfg.num_hidden_layers == 2 and cfg.memory_layers == (1,)
+  with pytest.raises(ValueError, match="valid choices"):
+    parse("pasky")
