@@ -22,7 +22,8 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
 KINDS = {  # one layer where another would add compile time, not coverage
     "memorizing": dict(memory_layers=[0], memory_size=16, memory_neighbors=5,
                        num_hidden_layers=1),
-    "fot": dict(memory_layers=[-1], memory_size=16),  # layer 0 without memory: windowed only
+    "fot": dict(memory_layers=[-1], memory_size=16,  # layer 0 without memory: windowed only
+                memory_cross_batch=1),  # negatives in training only
     "longmem": dict(memory_layers=[0], memory_size=24, memory_neighbors=6, side_layers=1,
                     num_hidden_layers=1),
 }
@@ -139,6 +140,9 @@ def test_window_by_window_inference_equals_the_parallel_training_forward(built, 
   kind, model, params, want = built
   got, memory = memory_inference.run_windows(model, params, tokens)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+  if kind == "fot":  # training adds cross-batch negatives: a different function
+    trained = jax.jit(functools.partial(model.apply, train=True))({"params": params}, tokens)
+    assert float(jnp.abs(trained[:, WINDOW:] - want[:, WINDOW:]).max()) > 1e-4
   state = jax.tree.leaves(memory, is_leaf=lambda x: isinstance(x, knn_memory.KNNMemory))[0]
   assert int(state.written) == T
   # The memory matters: without it (window by window from an empty memory) the last windows
@@ -190,7 +194,8 @@ def test_gradient_through_stored_keys_only_for_fot(kind, flows):
   opts = dict(scale=1.0, neighbours=cfg.memory_neighbors, approx=False, recall_target=1.0)
 
   def f(k, v):
-    out, _, _ = memory_layer._training_memory(cfg, q, k, v, segments, opts)
+    out, _, _ = memory_layer._training_memory(cfg, q, k, v, segments, cfg.memory_cross_batch,
+                                              opts)
     return jnp.sum(out ** 2)
   gk, gv = jax.jit(jax.grad(f, argnums=(0, 1)))(k_BTKD, v_BTKD)
   assert bool(jnp.any(gk != 0)) == flows and bool(jnp.any(gv != 0)) == flows

@@ -5,11 +5,12 @@ Memory models (`model.memory_kind`: memorizing, fot, longmem) read a long input 
 W = `model.memory_window` tokens; every layer attends causally inside its window at window-local
 positions 0..W-1 (`window_layout`), and memory layers also see earlier windows' keys/values:
 
-  * training (no "memory" collection): all windows run in parallel; the memory of a query in
-    window c is what the FIFO memory would hold after windows 0..c-1 of the same row were
-    written: the last `memory_size` keys before its window, of its own document. Focused
-    Transformer (Tworkowski et al. 2023, Section 3, "cross-batch") adds the same entries of
-    `memory_cross_batch` other rows of the batch as negatives and back-propagates through them;
+  * parallel (no "memory" collection: training and plain evaluation): all windows at once; the
+    memory of a query in window c is what the FIFO memory would hold after windows 0..c-1 of
+    the same row were written: the last `memory_size` keys before its window, of its own
+    document. In training, Focused Transformer (Tworkowski et al. 2023, Section 3,
+    "cross-batch") adds the same entries of `memory_cross_batch` other rows of the batch as
+    negatives and back-propagates through them;
     the other kinds stop the gradient at the stored keys (Wu et al. 2022, Section 3: the memory
     is not differentiable).
   * inference (a "memory" collection with a `state`, memory_inference.py): one window per call;
@@ -94,7 +95,8 @@ def memory_attention(module: nn.Module, cfg, scheme, q_BTHD, k_BTKD, v_BTKD, pos
                                mem.valid_BM[:, None, None, None, :], **opts)
     state.value = knn_memory.write(mem, src_k, src_v)
   else:
-    memory = _training_memory(cfg, q, src_k, src_v, segment_ids_BT, opts)
+    negatives = cfg.memory_cross_batch if training else 0
+    memory = _training_memory(cfg, q, src_k, src_v, segment_ids_BT, negatives, opts)
 
   if cfg.memory_kind == "fot":
     out = knn_memory.merge_joint([local, memory])
@@ -106,10 +108,11 @@ def memory_attention(module: nn.Module, cfg, scheme, q_BTHD, k_BTKD, v_BTKD, pos
   return out.reshape(q_BTHD.shape).astype(q_BTHD.dtype)
 
 
-def _training_memory(cfg, q_BTKGD, src_k_BTKD, src_v_BTKD, segment_ids_BT, opts):
-  """All windows at once: each query's memory as the FIFO memory would hold it (module doc)."""
+def _training_memory(cfg, q_BTKGD, src_k_BTKD, src_v_BTKD, segment_ids_BT, negatives: int,
+                     opts):
+  """All windows at once: each query's memory as the FIFO memory would hold it, plus
+  `negatives` other rows' (module doc)."""
   batch, length = segment_ids_BT.shape
-  negatives = cfg.memory_cross_batch
   if cfg.memory_kind != "fot":  # the memory holds values, not a differentiable path
     src_k_BTKD, src_v_BTKD = jax.lax.stop_gradient((src_k_BTKD, src_v_BTKD))
   windows = -(-length // cfg.memory_window)
