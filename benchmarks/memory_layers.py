@@ -68,9 +68,11 @@ def main() -> None:
   parser.add_argument("--lengths", default="256,1024")
   parser.add_argument("--samples", type=int, default=2)
   parser.add_argument("--runs", default=",".join(RUNS))
+  parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results",
+                                                    "memory_layers.json"))
   args = parser.parse_args()
   lengths = [int(x) for x in args.lengths.split(",")]
-  out = os.path.join(ROOT, "benchmarks", "results", "memory_layers.json")
+  out = args.out
   results = {"started": measure.now(), "machine": measure.machine(), "steps": args.steps,
              "lengths": lengths, "runs": {}}
   with tempfile.TemporaryDirectory() as tmp:
