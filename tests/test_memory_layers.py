@@ -1,7 +1,6 @@
 """Memory layers: kNN memory (Wu et al. 2022), Focused Transformer (Tworkowski et al. 2023),
 LongMem (Wang et al. 2023). ctxjax/model/knn_memory.py, memory_layer.py, longmem.py,
 memory_inference.py."""
-import functools
 import re
 
 import jax
@@ -22,8 +21,8 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_laye
 KINDS = {  # one layer where another would add compile time, not coverage
     "memorizing": dict(memory_layers=[0], memory_size=16, memory_neighbors=5,
                        num_hidden_layers=1),
-    "fot": dict(memory_layers=[-1], memory_size=16,  # layer 0 without memory: windowed only
-                memory_cross_batch=1),  # negatives in training only
+    "fot": dict(memory_layers=[-1], memory_size=16, memory_cross_batch=1,
+                num_hidden_layers=1),  # longmem's backbone: windowed layers without memory
     "longmem": dict(memory_layers=[0], memory_size=24, memory_neighbors=6, side_layers=1,
                     num_hidden_layers=1),
 }
@@ -64,14 +63,15 @@ def test_top_k_keeps_only_the_nearest_entries():
   q = _rand(3, 1, 1, 1, 1, D)
   keys = _rand(4, 1, 10, 1, D)
   values = jnp.eye(10).reshape(1, 10, 1, 10)  # entry i's value marks coordinate i
-  out, _, _ = jax.jit(functools.partial(knn_memory.attend, scale=1.0, neighbours=3))(
-      q, keys, values, True)
+
+  @jax.jit
+  def outs():
+    return [knn_memory.attend(q, keys, values, True, scale=1.0, neighbours=n)[0]
+            for n in (3, 30, 0)]
+  out, few, every = outs()
   logits = np.asarray(keys[0, :, 0] @ q[0, 0, 0, 0])
   np.testing.assert_array_equal(np.flatnonzero(out[0, 0, 0, 0]), np.sort(np.argsort(-logits)[:3]))
   # More neighbours than entries (a short training row): all of them, as without a search.
-  few, _, _ = jax.jit(functools.partial(knn_memory.attend, scale=1.0, neighbours=30))(
-      q, keys, values, True)
-  every, _, _ = jax.jit(functools.partial(knn_memory.attend, scale=1.0))(q, keys, values, True)
   np.testing.assert_allclose(few, every, rtol=1e-6)
 
 
@@ -124,25 +124,29 @@ def tokens():
   return jax.random.randint(jax.random.PRNGKey(7), (B, T), 0, 64)
 
 
-@pytest.fixture(scope="module", params=sorted(KINDS))
+# fot: joint softmax, cross-batch training; longmem: top-k + gate (memorizing's merge) over
+# another layer's keys. memorizing adds no path of its own (and ~5 s of compiles).
+@pytest.fixture(scope="module", params=["fot", "longmem"])
 def built(request, tokens):
   model = Transformer(_cfg(request.param))
 
   @jax.jit
-  def init_and_forward(key):  # one compile for both
+  def init_and_forward(key):  # one compile for all
     params = model.init(key, tokens)["params"]
     params = jax.tree.map(lambda x: x + 0.05 * jnp.sign(x), params)  # gates away from 0
-    return params, model.apply({"params": params}, tokens)
+    return params, model.apply({"params": params}, tokens), model.apply(
+        {"params": params}, tokens, train=True)
   return (request.param, model, *init_and_forward(jax.random.PRNGKey(1)))
 
 
 def test_window_by_window_inference_equals_the_parallel_training_forward(built, tokens):
-  kind, model, params, want = built
+  kind, model, params, want, trained = built
   got, memory = memory_inference.run_windows(model, params, tokens)
   np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
   if kind == "fot":  # training adds cross-batch negatives: a different function
-    trained = jax.jit(functools.partial(model.apply, train=True))({"params": params}, tokens)
     assert float(jnp.abs(trained[:, WINDOW:] - want[:, WINDOW:]).max()) > 1e-4
+  else:
+    np.testing.assert_allclose(trained, want, atol=2e-5, rtol=2e-5)
   state = jax.tree.leaves(memory, is_leaf=lambda x: isinstance(x, knn_memory.KNNMemory))[0]
   assert int(state.written) == T
   # The memory matters: without it (window by window from an empty memory) the last windows
@@ -155,7 +159,7 @@ def test_window_by_window_inference_equals_the_parallel_training_forward(built, 
 
 
 def test_generate_continues_the_windowed_forward(built, tokens):
-  kind, model, params, _ = built
+  kind, model, params, _, _ = built
   prompt = np.asarray(tokens[:, :WINDOW + 3])
   out = memory_inference.generate(model, params, prompt, 7)  # crosses a window boundary
   full = np.concatenate([prompt, out], axis=1)
@@ -171,7 +175,7 @@ def test_generate_continues_the_windowed_forward(built, tokens):
 
 
 def test_longmem_backbone_gets_exactly_zero_gradient(built, tokens):
-  kind, model, params, _ = built
+  kind, model, params, _, _ = built
   if kind != "longmem":
     pytest.skip("LongMem only")
   grads = jax.jit(jax.grad(lambda p: _loss(model, p, tokens)))(params)
