@@ -270,6 +270,9 @@ def save(model: Transformer, variables, path, *, overwrite: bool = False,
   from safetensors.numpy import save_file  # noqa: PLC0415 (optional dependency)
 
   cfg = model.cfg
+  if cfg.memory_kind != "none":
+    raise ValueError(f"model.memory_kind={cfg.memory_kind!r}: transformers has no LLaMA with "
+                     "memory layers; only memory_kind='none' models export")
   if cfg.lora_rank or cfg.base_quantization != "none":  # LongLoRA / LongQLoRA: one plain kernel
     variables = {"params": params_lib.merge_lora(variables["params"], cfg)}
     model = Transformer(params_lib.base_config(cfg))

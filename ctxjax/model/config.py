@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 from ctxjax.attention.patterns import Pattern, make_pattern
-from ctxjax.model import lora, quant
+from ctxjax.model import lora, memory_config, quant
 from ctxjax.positions import schemes
 from ctxjax.positions.rope import validate_rope_scaling
 from ctxjax.registry import Registry, unknown_choice
@@ -80,6 +80,17 @@ class ModelConfig:
   lora_targets: tuple = ("q_proj", "k_proj", "v_proj", "o_proj")
   base_quantization: str = "none"  # frozen base kernels stored as none | int8 | nf4
   quant_block_size: int = 64    # absmax block along the contraction dim
+  # Memory layers (kNN memory / Focused Transformer / LongMem): memory_config.py, memory_layer.py.
+  memory_kind: str = "none"
+  memory_layers: tuple = ()
+  memory_window: int = 256
+  memory_size: int = 1024
+  memory_neighbors: int = 0
+  memory_cross_batch: int = 0
+  memory_search: str = "exact"
+  memory_recall_target: float = 0.95
+  side_layers: int = 0
+  side_memory_layer: int = -1
 
   @property
   def rope_scaling(self) -> dict | None:
@@ -112,6 +123,7 @@ class ModelConfig:
                                 for k, v in self.attention_options.items()}
     out["attention_pattern"] = self.attention_pattern.to_dict()
     out["lora_targets"] = list(self.lora_targets)
+    out["memory_layers"] = list(self.memory_layers)
     return out
 
 
@@ -178,6 +190,7 @@ def model_config_from_dict(cfg: Mapping[str, Any]) -> ModelConfig:
   merged["rope_scaling_items"] = _freeze(rope_scaling)
   lora.validate(merged)
   quant.validate(merged)
+  memory_config.validate(merged, scheme)
   for key in ("rope_theta", "rms_norm_eps", "initializer_range", "xpos_scale_base", "xpos_gamma"):
     merged[key] = float(merged[key])
   return ModelConfig(**merged)

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ctxjax.model import attention_modes, cached_attention
+from ctxjax.model import attention_modes, cached_attention, memory_layer
 from ctxjax.model import lora as lora_lib
 from ctxjax.model import quant as quant_lib
 from ctxjax.model.config import ModelConfig
@@ -21,13 +21,16 @@ from ctxjax.positions import schemes
 
 
 class RMSNorm(nn.Module):
-  """Root-mean-square norm (Zhang & Sennrich 2019), statistics in float32 as LLaMA."""
+  """Root-mean-square norm (Zhang & Sennrich 2019), statistics in float32 as LLaMA. `frozen`:
+  the scale gets no gradient (LongMem's frozen head)."""
   cfg: ModelConfig
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, x_BTE):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
                        (x_BTE.shape[-1],), self.cfg.weight_dtype)
+    scale = jax.lax.stop_gradient(scale) if self.frozen else scale
     x = x_BTE.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.cfg.rms_norm_eps)
     scale_11E = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + scale.shape)
@@ -66,7 +69,7 @@ class Projection(nn.Module):
   under a mesh). The kernel's first `n_in` dims contract with x's last `n_in` dims. The kernel
   may be stored as a quantized frozen base (`quant`, quant.py) and carry a LoRA adapter
   (`lora`, lora.py); the caller decides both (`block_projection`), as MaxText hands
-  DenseGeneral its `quant`."""
+  DenseGeneral its `quant`. `frozen`: the kernel gets no gradient (LongMem's frozen head)."""
   cfg: ModelConfig
   kernel_shape: tuple[int, ...]
   names: tuple[str, ...]
@@ -74,6 +77,7 @@ class Projection(nn.Module):
   training: bool = False
   lora: lora_lib.LoraSpec | None = None
   quant: quant_lib.QuantSpec | None = None
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -85,6 +89,7 @@ class Projection(nn.Module):
                           cfg.weight_dtype)
     else:
       kernel = quant_lib.frozen_kernel(self, self.quant, init, shape, names, n_in)
+    kernel = jax.lax.stop_gradient(kernel) if self.frozen else kernel
     y = matmul_2d(x.astype(dtype), kernel.astype(dtype), n_in)
     if self.lora is not None:  # + (alpha / r) * dropout(x) A B
       a, b = lora_lib.adapter(self, self.lora.rank, shape, names, n_in, cfg.weight_dtype)
@@ -106,12 +111,16 @@ def block_projection(cfg: ModelConfig, name: str, kernel_shape: tuple[int, ...],
 class Attention(nn.Module):
   """Grouped-query self-attention; positions and segment ids are inputs, the scheme, mode and
   kernel come from the config's registries. With a layer cache `kv` = (k, v) and the call's
-  `plan` (kv_cache.py) it also returns the updated (k, v)."""
+  `plan` (kv_cache.py) it also returns the updated (k, v). `memory`: a memory layer
+  (memory_layer.py; `source_kv` = the keys/values its memory stores, default its own);
+  `return_kv`: also return this layer's unrotated (k, v) (LongMem's memory source)."""
   cfg: ModelConfig
   training: bool = False
+  memory: bool = False
+  return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None):
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None, source_kv=None):
     cfg = self.cfg
     proj = lambda heads, names, name: block_projection(
         cfg, name, (cfg.hidden_size, heads, cfg.head_dim), names, training=self.training)
@@ -124,7 +133,11 @@ class Attention(nn.Module):
     v_BTKD = nn.with_logical_constraint(v_BTKD, ("batch", "length", "kv_heads", "head_dim"))
     # The mode rotates q/k with the positional scheme and runs the kernel (attention_modes.py).
     scheme = schemes.get_scheme(cfg.position_embedding_type)
-    if kv is None:
+    if self.memory:
+      out_BTHD = memory_layer.memory_attention(self, cfg, scheme, q_BTHD, k_BTKD, v_BTKD,
+                                               positions_BT, segment_ids_BT, self.training,
+                                               source_kv)
+    elif kv is None:
       mode = attention_modes.MODES[cfg.attention_mode]
       out_BTHD = mode.run(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
                           self.training)
@@ -138,22 +151,26 @@ class Attention(nn.Module):
                                (cfg.num_attention_heads, cfg.head_dim, cfg.hidden_size),
                                ("heads", "head_dim", "embed"), n_in=2,
                                training=self.training)(out_BTHD)
+    if self.return_kv:
+      return out_BTE, (k_BTKD, v_BTKD)
     return out_BTE if kv is None else (out_BTE, kv)
 
 
 class Block(nn.Module):
   """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). With a layer cache
-  (kv, plan) it returns (x, updated kv)."""
+  (kv, plan) it returns (x, updated kv); with `return_kv`, (x, its attention's (k, v))."""
   cfg: ModelConfig
   training: bool = False
+  memory: bool = False
+  return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None):
+  def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None, source_kv=None):
     x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
     h = RMSNorm(self.cfg, name="input_layernorm")(x_BTE)
-    attn = Attention(self.cfg, self.training, name="self_attn")(
-        h, positions_BT, segment_ids_BT, kv, plan)
-    attn, kv = (attn, None) if kv is None else attn
+    attn = Attention(self.cfg, self.training, self.memory, self.return_kv, name="self_attn")(
+        h, positions_BT, segment_ids_BT, kv, plan, source_kv)
+    attn, kv = (attn, None) if kv is None and not self.return_kv else attn
     x_BTE = x_BTE + attn
     h = RMSNorm(self.cfg, name="post_attention_layernorm")(x_BTE)
     x_BTE = x_BTE + Mlp(self.cfg, self.training, name="mlp")(h)

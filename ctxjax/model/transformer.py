@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ctxjax.model import kv_cache
+from ctxjax.model import kv_cache, memory_model
 from ctxjax.model.config import ModelConfig
 from ctxjax.model.layers import Block, Projection, RMSNorm, matmul_2d
 from ctxjax.positions import absolute, schemes
@@ -103,6 +103,12 @@ class Transformer(nn.Module):
       x_BTE = x_BTE + jnp.take(table, positions_BT, axis=0, mode="fill",
                                fill_value=jnp.nan).astype(cfg.compute_dtype)
 
+    if cfg.memory_kind != "none":  # memory layers: memory_model.py, memory_inference.py
+      if cache is not None:
+        raise ValueError(f"model.memory_kind={cfg.memory_kind!r} decodes window by window with "
+                         "ctxjax.model.memory_inference, not with a kv cache")
+      x_BTE = memory_model.decoder_layers(cfg, train, x_BTE, segment_ids_BT)
+      return self._head(embed, x_BTE, frozen=cfg.memory_kind == "longmem")
     if cache is not None:
       x_BTE, cache = self._cached_layers(x_BTE, positions_BT, segment_ids_BT, cache)
       return self._head(embed, x_BTE), cache
@@ -138,13 +144,14 @@ class Transformer(nn.Module):
       k, v = tuple(k), tuple(v)
     return x_BTE, kv_cache.updated(cache, plan, k, v)
 
-  def _head(self, embed, x_BTE):
+  def _head(self, embed, x_BTE, frozen: bool = False):
+    """Final norm and LM head; `frozen`: their parameters get no gradient (LongMem)."""
     cfg = self.cfg
-    x_BTE = RMSNorm(cfg, name="norm")(x_BTE)
+    x_BTE = RMSNorm(cfg, frozen, name="norm")(x_BTE)
     if cfg.tie_word_embeddings:
       table_VE = embed.embedding.astype(cfg.compute_dtype)
-      logits_BTV = matmul_2d(x_BTE, table_VE.T)
+      logits_BTV = matmul_2d(x_BTE, jax.lax.stop_gradient(table_VE).T if frozen else table_VE.T)
     else:
       logits_BTV = Projection(cfg, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
-                              name="lm_head")(x_BTE)
+                              frozen=frozen, name="lm_head")(x_BTE)
     return nn.with_logical_constraint(logits_BTV, ("batch", "length", "vocab"))
