@@ -7,11 +7,15 @@
 TPU mode: libtpu describes the topology's chips (jax.experimental.topologies, no TPU attached);
 the train step (parameters, AdamW state and the batch at the recipe's / stage's shapes, sharded
 by the recipe's mesh) is lowered and compiled by the real TPU compiler on this CPU host. It
-prints per-chip HBM (XLA's memory_analysis), FLOPs per step (the model's 6N + attention count;
-XLA's cost_analysis too, which counts each loop body once, so it is no total with scanned
-layers) and the step time at a stated MFU, and exits 1 when a stage does not fit the chip's HBM
-(MaxText's train_compile.py does the same for its configs).
-
+prints per-chip HBM (XLA's memory_analysis) and exits 1 when a stage does not fit the chip's HBM
+(MaxText's train_compile.py does the same for its configs), and PREDICTS the step time from the
+compiled program: ctxjax/hlo_costs.py walks its post-optimisation HLO (loops by trip count:
+scanned layers, the ring's scan, gradient accumulation) for matmul FLOPs, HBM bytes and every
+collective with its bytes and the mesh axes (ICI or DCN) its groups cross; ctxjax/roofline.py
+turns them into compute, memory and communication terms per chip, the binding term, a step time
+(per-kernel max(compute, memory), collectives overlapped; the serial sum beside it) and the MFU
+it implies. `--mfu` keeps the old figure beside it: the step time at an ASSUMED MFU of the
+model's 6N + attention FLOPs. `--hlo_dir` saves the compiled HLO text it read.
 CPU mode (`--devices=cpu:N`): N fake CPU devices with the recipe's mesh — a shape and sharding
 consistency check for GPU recipes; the memory figures are XLA:CPU's buffer assignment, shown
 against the H100's 80 GB as an indication only (GPU fusion and buffers differ), never a verdict.
@@ -44,7 +48,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU product name: v4-N, v5p-N
 _DEVICES = flags.DEFINE_string("devices", None, "cpu:N — N fake CPU devices (GPU recipes' "
                                "shape/sharding check) instead of --topology.")
 _STAGE = flags.DEFINE_integer("stage", None, "Check only this stage (default: every stage).")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the 'assumed' step "
+                          "time printed beside the roofline prediction.")
 _JSON = flags.DEFINE_string("json", None, "Merge the results into this JSON file (a list).")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Also write each stage's compiled (post-"
                                "optimisation) HLO text to <dir>/stage<i>.hlo.txt.")
@@ -185,20 +190,26 @@ def check_stage(cfg, stage, target: Target, mfu: float, hlo_dir: str | None = No
     os.makedirs(hlo_dir, exist_ok=True)
     with open(os.path.join(hlo_dir, f"stage{stage.index}.hlo.txt"), "w", encoding="utf-8") as f:
       f.write(hlo_text)
-  report.update(predicted_report(hlo_text, mesh, target, model_flops))
+  report.update(predicted_report(hlo_text, mesh, target, model_flops, model_cfg))
   if not target.memory_verdict:
     report["fits"] = None
   return report
 
 
-def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float) -> dict:
+def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, model_cfg) -> dict:
   """The roofline prediction from the compiled program (ctxjax/roofline.py): its terms, step
   time, binding term and MFU, and the HLO matmul FLOPs against the model's count."""
   from ctxjax import hlo_costs, roofline
   chips = len(target.devices)
-  costs = hlo_costs.program_costs(hlo_text)
+  # Blockwise attention's visit loops have data-dependent trip counts: without a ring a device
+  # holds whole causal rows and visits ~half its block pairs; in a ring the busiest device
+  # meets a fully visible key shard at every step (no load balancing), so all of them.
+  causal = (model_cfg.attention_pattern.kind == "causal"
+            and model_cfg.attention_impl != "ring")
+  costs = hlo_costs.program_costs(hlo_text, causal_visits=causal)
   pred = roofline.predict(costs, roofline.MeshInfo.from_mesh(mesh), target.chip, model_flops,
                           chips)
+  pred["causal_visits"] = causal
   return {"predicted": pred, "hlo_flops_per_step": pred["hlo_flops_per_chip"] * chips,
           "hlo_over_model_flops": pred["hlo_flops_per_chip"] * chips / model_flops}
 
@@ -240,9 +251,10 @@ def format_prediction(r: dict) -> list[str]:
   p = r["predicted"]
   lines = [f"  HLO       {r['hlo_flops_per_step']:.3e} matmul FLOPs/step walked over {p['loops']} "
            f"loops by trip count = {r['hlo_over_model_flops']:.3f} x the model's "
-           f"(remat recomputes the forward)"
-           + (f"; {p['dynamic_loops']} data-dependent loops at their enclosing loop's count"
-              if p["dynamic_loops"] else ""),
+           f"(its recomputation included)"
+           + (f"; {p['dynamic_loops']} data-dependent loops (blockwise attention) at "
+              f"{'(n + 1) / 2 (causal)' if p['causal_visits'] else 'n'} of their enclosing "
+              f"loop's n" if p["dynamic_loops"] else ""),
            f"  roofline  per chip: compute {p['compute_sec']:.3g} s, memory {p['memory_sec']:.3g} "
            f"s (per kernel max(compute, memory): {p['roofline_sec']:.3g} s), comm "
            f"{p['comm_sec']:.3g} s -> {p['binding']} binds",
@@ -251,7 +263,7 @@ def format_prediction(r: dict) -> list[str]:
            f"{r['tokens_per_step'] / p['step_sec']:,.0f} tokens/s; {r['steps']} steps = "
            f"{p['step_sec'] * r['steps'] / 3600:.3g} h"]
   for key, c in list(p["comm"].items())[:4]:
-    lines.append(f"  comm      {key}: {c['count']} x, {c['bytes'] / GiB:.2f} GiB, "
+    lines.append(f"  comm      {key}: {c['count']:,.0f} x, {c['bytes'] / GiB:.2f} GiB, "
                  f"{c['seconds']:.3g} s")
   return lines
 

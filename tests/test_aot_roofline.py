@@ -1,16 +1,16 @@
-"""The HLO walker (ctxjax/hlo_costs.py) and the roofline (ctxjax/roofline.py) behind
+"""The HLO reader and walker (ctxjax/hlo_text.py, hlo_costs.py) and the roofline (ctxjax/roofline.py) behind
 `python -m ctxjax.aot`'s predicted step time: loops counted by trip count, collectives found with
 their bytes and mesh axes, and the roofline arithmetic on a hand-made program."""
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from ctxjax import hlo_costs, roofline
+from ctxjax import hlo_costs, hlo_text, roofline
 from ctxjax.train import topology as topo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,14 +100,14 @@ def test_collectives_bytes_and_axes(shard_map_hlo):
     ("replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0','axis_1'}, x=1", [[0, 1, 2, 3]]),
 ])
 def test_replica_group_forms(text, groups):
-  assert hlo_costs.replica_groups(text) == groups
+  assert hlo_text.replica_groups(text) == groups
 
 
 def test_convolution_flops_count_only_real_taps():
   # A dot written as a convolution (as the TPU compiler prints them): a window of 2 padded by
   # one on each side over a spatial size 1 -> output size 2, one real tap per output position.
   shapes = {"a": "bf16[1,8,4,1]{3,2,1,0}", "b": "bf16[2,16,4,1]{3,2,1,0}"}
-  instr = hlo_costs.parse_instruction(
+  instr = hlo_text.parse_instruction(
       "  %c = bf16[1,8,2,16]{3,2,1,0} convolution(%a, %b), window={size=1x2 pad=0_0x1_1 "
       "rhs_reversal=0x1}, dim_labels=0bf1_1oi0->0b1f")
   assert instr.opcode == "convolution" and instr.operands == ["a", "b"]
@@ -168,3 +168,47 @@ def test_in_place_updates_count_the_slice_not_the_buffer():
   buffer = 1024 * 64 * 4
   assert [n for _, n in costs.loops] == [8]
   assert costs.hbm_bytes < 2 * buffer  # whole-buffer counting: >= 8 x 2 x buffer
+
+
+def test_trip_count_read_off_the_loop():
+  """Without XLA's known_trip_count the count comes from the loop itself: start, step, bound."""
+  def f(x, w):
+    return jax.lax.fori_loop(3, 17, lambda i, c: jnp.tanh(c @ w), x)
+
+  text = jax.jit(f).lower(jnp.ones((4, 8)), jnp.ones((8, 8))).compile().as_text()
+  stripped = "\n".join(re.sub(r', backend_config=\{"dynamic_variables.*$', "", line)
+                       if " while(" in line else line for line in text.splitlines())
+  assert "known_trip_count" in text and "known_trip_count" not in stripped
+  for hlo in (text, stripped):
+    costs = hlo_costs.program_costs(hlo)
+    assert [n for _, n in costs.loops] == [14] and costs.dynamic_loops == 0
+    assert costs.matmul_flops == 14 * 2 * 4 * 8 * 8
+
+
+def test_data_dependent_loops_take_the_enclosing_count():
+  """A loop bounded by data (blockwise attention's visit lists) inside a loop of n trips runs
+  n times (every pair of a square grid), or (n + 1) / 2 with causal_visits."""
+  def f(x, w, counts):
+    def outer(i, c):
+      return jax.lax.fori_loop(0, counts[i], lambda j, y: y @ w, c)
+    return jax.lax.fori_loop(0, 4, outer, x)
+
+  text = jax.jit(f).lower(jnp.ones((4, 8)), jnp.ones((8, 8)), jnp.ones(4, jnp.int32)) \
+      .compile().as_text()
+  per_trip = 2 * 4 * 8 * 8
+  square = hlo_costs.program_costs(text)
+  causal = hlo_costs.program_costs(text, causal_visits=True)
+  assert square.dynamic_loops == causal.dynamic_loops == 1
+  assert square.matmul_flops == 4 * 4 * per_trip and causal.matmul_flops == 4 * 2.5 * per_trip
+
+
+def test_convolution_spatial_dims_in_window_order():
+  # The TPU compiler's projection with heads as a spatial dim: lhs labels list spatial 1 before
+  # 0; the window lists dim 0 (32 wide, padded 31 each side over a size-1 input: one real tap
+  # per output position) then dim 1 (2 taps).
+  shapes = {"a": "bf16[64,2,16,1]", "b": "bf16[32,8,2,16]"}
+  instr = hlo_text.parse_instruction(
+      "  %c = bf16[64,32,8,1]{3,2,1,0} convolution(%a, %b), window={size=32x2 pad=31_31x0_0 "
+      "rhs_reversal=1x0}, dim_labels=b1f0_0o1i->b0f1")
+  # = a [64, 2x16] @ [2x16, 32x8] matmul
+  assert hlo_costs.conv_flops(instr, shapes) == 2 * 64 * (2 * 16) * (32 * 8)
