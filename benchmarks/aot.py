@@ -19,7 +19,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results", "aot.json")
 # (recipe, stages): each recipe is checked against its own config.aot target.
 RECIPES = [("configs/llama2_7b_80k.py", [None]), ("configs/llama2_13b_64k.py", [None]),
            ("configs/lwm_1m.py", [0, 1, 2, 3, 4]), ("configs/llama2_7b_8xh100.py", [None]),
-           ("configs/llama2_7b_8xh100.py:ring", [None])]
+           ("configs/llama2_7b_8xh100.py:ring", [None]),
+           ("configs/maxtext_llama3_8b_v6e.py", [None])]  # a published MaxText step time
 GiB = 1024 ** 3
 
 
@@ -34,9 +35,9 @@ def check_all(path: str) -> None:
 
 def table(reports: list[dict]) -> str:
   rows = ["| recipe | stage | target | mesh (data, fsdp, context, tensor) | seq_len x batch | "
-          "per-chip GiB (args + temps) | fits | model FLOPs/step | est. s/step at MFU | "
-          "stage time | compile s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "per-chip GiB (args + temps) | fits | model FLOPs/step | predicted s/step (binds) | "
+          "predicted MFU | est. s/step at MFU | stage time | compile s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
     mesh = ", ".join(str(r["mesh"][a]) for a in ("data", "fsdp", "context", "tensor"))
     if "total_gib" in r:
@@ -45,10 +46,12 @@ def table(reports: list[dict]) -> str:
     else:
       mem = "refused by the compiler"
     fits = {True: "yes", False: "**no**", None: "n/a (CPU)"}[r["fits"]]
+    p = r.get("predicted")
+    pred = (f"{p['step_sec']:.1f} ({p['binding']}) | {p['mfu']:.2f}" if p else "n/a | n/a")
     rows.append(
         f"| {os.path.basename(r['config'])} | {r['stage']} | {r['target']} | {mesh} | "
         f"{r['seq_len']:,} x {r['batch_size']} | {mem} | {fits} | "
-        f"{r['model_flops_per_step']:.2e} | {r['est_step_sec']:.1f} at {r['mfu']:g} | "
+        f"{r['model_flops_per_step']:.2e} | {pred} | {r['est_step_sec']:.1f} at {r['mfu']:g} | "
         f"{r['steps']} steps, {r['est_stage_hours']:.1f} h | {r['compile_sec']:.0f} |")
   return "\n".join(rows)
 

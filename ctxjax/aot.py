@@ -7,11 +7,15 @@
 TPU mode: libtpu describes the topology's chips (jax.experimental.topologies, no TPU attached);
 the train step (parameters, AdamW state and the batch at the recipe's / stage's shapes, sharded
 by the recipe's mesh) is lowered and compiled by the real TPU compiler on this CPU host. It
-prints per-chip HBM (XLA's memory_analysis), FLOPs per step (the model's 6N + attention count;
-XLA's cost_analysis too, which counts each loop body once, so it is no total with scanned
-layers) and the step time at a stated MFU, and exits 1 when a stage does not fit the chip's HBM
-(MaxText's train_compile.py does the same for its configs).
-
+prints per-chip HBM (XLA's memory_analysis) and exits 1 when a stage does not fit the chip's HBM
+(MaxText's train_compile.py does the same for its configs), and PREDICTS the step time from the
+compiled program: ctxjax/hlo_costs.py walks its post-optimisation HLO (loops by trip count:
+scanned layers, the ring's scan, gradient accumulation) for matmul FLOPs, HBM bytes and every
+collective with its bytes and the mesh axes (ICI or DCN) its groups cross; ctxjax/roofline.py
+turns them into compute, memory and communication terms per chip, the binding term, a step time
+(per-kernel max(compute, memory), collectives overlapped; the serial sum beside it) and the MFU
+it implies. `--mfu` keeps the old figure beside it: the step time at an ASSUMED MFU of the
+model's 6N + attention FLOPs. `--hlo_dir` saves the compiled HLO text it read.
 CPU mode (`--devices=cpu:N`): N fake CPU devices with the recipe's mesh — a shape and sharding
 consistency check for GPU recipes; the memory figures are XLA:CPU's buffer assignment, shown
 against the H100's 80 GB as an indication only (GPU fusion and buffers differ), never a verdict.
@@ -44,8 +48,11 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU product name: v4-N, v5p-N
 _DEVICES = flags.DEFINE_string("devices", None, "cpu:N — N fake CPU devices (GPU recipes' "
                                "shape/sharding check) instead of --topology.")
 _STAGE = flags.DEFINE_integer("stage", None, "Check only this stage (default: every stage).")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the step time.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the 'assumed' step "
+                          "time printed beside the roofline prediction.")
 _JSON = flags.DEFINE_string("json", None, "Merge the results into this JSON file (a list).")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Also write each stage's compiled (post-"
+                               "optimisation) HLO text to <dir>/stage<i>.hlo.txt.")
 flags.mark_flags_as_required(["config"])
 
 GiB = topo.GiB
@@ -137,7 +144,7 @@ def lower_stage(cfg, stage, devices):
   return step.lower(state, batch), model_cfg, mesh
 
 
-def check_stage(cfg, stage, target: Target, mfu: float) -> dict:
+def check_stage(cfg, stage, target: Target, mfu: float, hlo_dir: str | None = None) -> dict:
   """Lower and compile stage `stage` of `cfg` (a RunConfig) for `target`; the report."""
   from ctxjax.model.flops import param_count, train_flops_per_token
 
@@ -178,9 +185,33 @@ def check_stage(cfg, stage, target: Target, mfu: float) -> dict:
   if cost and "flops" in cost:
     # Per-device program; XLA counts a while-loop body (the layer scan) once, not per trip.
     report["xla_flops_per_step"] = float(cost["flops"]) * chips
+  hlo_text = compiled.as_text()
+  if hlo_dir:
+    os.makedirs(hlo_dir, exist_ok=True)
+    with open(os.path.join(hlo_dir, f"stage{stage.index}.hlo.txt"), "w", encoding="utf-8") as f:
+      f.write(hlo_text)
+  report.update(predicted_report(hlo_text, mesh, target, model_flops, model_cfg))
   if not target.memory_verdict:
     report["fits"] = None
   return report
+
+
+def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, model_cfg) -> dict:
+  """The roofline prediction from the compiled program (ctxjax/roofline.py): its terms, step
+  time, binding term and MFU, and the HLO matmul FLOPs against the model's count."""
+  from ctxjax import hlo_costs, roofline
+  chips = len(target.devices)
+  # Blockwise attention's visit loops have data-dependent trip counts: without a ring a device
+  # holds whole causal rows and visits ~half its block pairs; in a ring the busiest device
+  # meets a fully visible key shard at every step (no load balancing), so all of them.
+  causal = (model_cfg.attention_pattern.kind == "causal"
+            and model_cfg.attention_impl != "ring")
+  costs = hlo_costs.program_costs(hlo_text, causal_visits=causal)
+  pred = roofline.predict(costs, roofline.MeshInfo.from_mesh(mesh), target.chip, model_flops,
+                          chips)
+  pred["causal_visits"] = causal
+  return {"predicted": pred, "hlo_flops_per_step": pred["hlo_flops_per_chip"] * chips,
+          "hlo_over_model_flops": pred["hlo_flops_per_chip"] * chips / model_flops}
 
 
 def format_report(r: dict) -> str:
@@ -202,7 +233,9 @@ def format_report(r: dict) -> str:
   xla = r.get("xla_flops_per_step")
   lines.append(f"  FLOPs     {r['model_flops_per_step']:.3e}/step (model: 6N + attention)"
                + (f"; XLA cost analysis {xla:.3e} (loop bodies counted once)" if xla else ""))
-  lines.append(f"  time      {r['est_step_sec']:.3g} s/step at MFU {r['mfu']:g} "
+  if "predicted" in r:
+    lines += format_prediction(r)
+  lines.append(f"  assumed   {r['est_step_sec']:.3g} s/step at MFU {r['mfu']:g} "
                f"({r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s peak x {r['devices']}) -> "
                f"{r['est_tokens_per_sec']:,.0f} tokens/s; {r['steps']} steps = "
                f"{r['est_stage_hours']:.3g} h")
@@ -211,6 +244,28 @@ def format_report(r: dict) -> str:
   else:
     lines.append(f"  verdict   {'FITS' if r['fits'] else 'DOES NOT FIT'}")
   return "\n".join(lines)
+
+
+def format_prediction(r: dict) -> list[str]:
+  """The roofline lines of a report: HLO FLOPs vs the model's, the terms, the comm table."""
+  p = r["predicted"]
+  lines = [f"  HLO       {r['hlo_flops_per_step']:.3e} matmul FLOPs/step walked over {p['loops']} "
+           f"loops by trip count = {r['hlo_over_model_flops']:.3f} x the model's "
+           f"(its recomputation included)"
+           + (f"; {p['dynamic_loops']} data-dependent loops (blockwise attention) at "
+              f"{'(n + 1) / 2 (causal)' if p['causal_visits'] else 'n'} of their enclosing "
+              f"loop's n" if p["dynamic_loops"] else ""),
+           f"  roofline  per chip: compute {p['compute_sec']:.3g} s, memory {p['memory_sec']:.3g} "
+           f"s (per kernel max(compute, memory): {p['roofline_sec']:.3g} s), comm "
+           f"{p['comm_sec']:.3g} s -> {p['binding']} binds",
+           f"  predicted {p['step_sec']:.3g} s/step (collectives overlapped; serial "
+           f"{p['serial_sec']:.3g} s) -> MFU {p['mfu']:.3f}, "
+           f"{r['tokens_per_step'] / p['step_sec']:,.0f} tokens/s; {r['steps']} steps = "
+           f"{p['step_sec'] * r['steps'] / 3600:.3g} h"]
+  for key, c in list(p["comm"].items())[:4]:
+    lines.append(f"  comm      {key}: {c['count']:,.0f} x, {c['bytes'] / GiB:.2f} GiB, "
+                 f"{c['seconds']:.3g} s")
+  return lines
 
 
 def merge_json(path: str, reports: list[dict]) -> None:
@@ -240,7 +295,7 @@ def choose_target(config, topology: str | None, devices: str | None) -> tuple:
 
 
 def run(config, *, name: str = "", topology: str | None, devices: str | None, stage: int | None,
-        mfu: float, emit=lambda report: None) -> list[dict]:
+        mfu: float, emit=lambda report: None, hlo_dir: str | None = None) -> list[dict]:
   """Check the selected stages of `config` (a ConfigDict or RunConfig; each report also goes
   to `emit` as soon as it is ready); raises ValueError on bad flags or configs."""
   from ctxjax.train import stages as stages_lib
@@ -254,7 +309,7 @@ def run(config, *, name: str = "", topology: str | None, devices: str | None, st
   target = tpu_target(topology) if topology else cpu_target(parse_devices(devices))
   reports = []
   for s in all_stages if stage is None else [all_stages[stage]]:
-    reports.append({"config": name, **check_stage(cfg, s, target, mfu)})
+    reports.append({"config": name, **check_stage(cfg, s, target, mfu, hlo_dir)})
     emit(reports[-1])
   return reports
 
@@ -286,7 +341,7 @@ def main(argv):
   try:
     reports = run(cfg, name=config_flags.get_config_filename(flags.FLAGS["config"]),
                   topology=topology, devices=devices, stage=_STAGE.value, mfu=_MFU.value,
-                  emit=lambda r: print(format_report(r), flush=True))
+                  emit=lambda r: print(format_report(r), flush=True), hlo_dir=_HLO_DIR.value)
   except RuntimeError as err:  # libtpu missing or refusing the topology (ctxjax/train/topology.py)
     raise cli.UserError(str(err)) from err
   if _JSON.value:

@@ -167,6 +167,15 @@ def test_tiny_compile_on_fake_cpu_devices(tmp_path):
   assert r["model_flops_per_step"] == _tiny_flops()
   assert r["est_step_sec"] == pytest.approx(_tiny_flops() / (4 * 989e12 * 0.5), rel=1e-12)
   assert "shapes and shardings compile" in proc.stdout
+  # The roofline prediction from the compiled program (ctxjax/roofline.py): the ring's
+  # collectives cross the context axis, the HLO's matmul FLOPs (loops by trip count) agree
+  # with the model's 6N + attention count within the program's recomputation (here the ring's
+  # visit loops counted at every block pair, and attention a large share of this tiny model).
+  p = r["predicted"]
+  assert p["step_sec"] == max(p["roofline_sec"], p["comm_sec"]) > 0 and 0 < p["mfu"] < 1
+  assert any(k.startswith("collective-permute over context") for k in p["comm"]), p["comm"]
+  assert 0.9 < r["hlo_over_model_flops"] < 2.0
+  assert "predicted " in proc.stdout and "assumed " in proc.stdout
 
 
 # .ci/run sets CTXJAX_REQUIRE_LIBTPU=1: there a missing libtpu fails these tests, so every CI
@@ -229,6 +238,10 @@ def test_tiny_compile_on_a_tpu_topology(libtpu):
   assert r["est_step_sec"] == pytest.approx(_tiny_flops() / (4 * 459e12 * 0.5), rel=1e-12)
   assert aot.verdict([r]) == (0, [])
   assert "verdict   FITS" in aot.format_report(r)
+  p = r["predicted"]
+  assert 0.9 < r["hlo_over_model_flops"] < 1.6 and p["binding"] in ("compute", "memory", "comm")
+  assert {k.split(" over ")[1] for k in p["comm"]} >= {"fsdp (ici)"}
+  assert "roofline  per chip" in aot.format_report(r)
 
 
 @needs_libtpu

@@ -6,8 +6,13 @@ device), v5e (v5litepod) and v6e slices by chips. libtpu's topology names give t
 accelerator_to_spec_map): 3-D tori for v4/v5p — 2x2x1, 2x2x2, 2x2x4, 2x4x4, then every side a
 multiple of 4, the most cubic such shape — and 2-D grids for v5e/v6e.
 
-Per-chip HBM and peak dense bf16 FLOP/s are Google's published figures (cloud.google.com/tpu/docs
-system-architecture pages for v4, v5e, v5p, v6e); the GPU entry is NVIDIA's H100 SXM datasheet.
+Per-chip HBM capacity, HBM bandwidth and peak dense bf16 FLOP/s are Google's published figures
+(cloud.google.com/tpu/docs system-architecture pages for v4, v5e, v5p, v6e). ICI bandwidth per
+link and direction and DCN bandwidth per chip are as tabulated by Austin et al. 2025 ("How to
+Scale Your Model", part 2, "All about TPUs": v4/v5e 4.5e10, v5p/v6e 9e10 B/s one way per link;
+DCN 6.25e9 B/s per v5p chip, 3.125e9 v5e, 1.25e10 v6e; v4 taken as v5p's). The GPU entry is
+NVIDIA's H100 SXM datasheet (3.35 TB/s HBM3, NVLink 900 GB/s both ways = 450 one way, one
+400 Gb/s InfiniBand NIC per GPU = 5e10 B/s).
 """
 from __future__ import annotations
 
@@ -28,15 +33,20 @@ class ChipSpec:
   peak_flops: float        # dense bf16 FLOP/s per chip
   dims: int                # 3 = torus (v4/v5p, named by TensorCores), 2 = grid (named by chips)
   libtpu_name: str         # topology-name prefix libtpu knows
+  hbm_bandwidth: float     # HBM bytes/s per chip
+  ici_link_bandwidth: float  # bytes/s one way per ICI link (H100: NVLink per GPU, one way)
+  ring_links: int          # links a ring over one torus dimension drives (2: both directions)
+  dcn_bandwidth: float     # bytes/s per chip between slices (H100: between nodes)
 
 
 CHIPS: Registry[ChipSpec] = Registry("--topology generation")
-CHIPS.add("v4", ChipSpec("v4", 32 * GiB, 275e12, 3, "v4"))
-CHIPS.add("v5e", ChipSpec("v5e", 16 * GiB, 197e12, 2, "v5e"))
-CHIPS.add("v5p", ChipSpec("v5p", 95 * GiB, 459e12, 3, "v5p"))
-CHIPS.add("v6e", ChipSpec("v6e", 32 * GiB, 918e12, 2, "v6e"))
+CHIPS.add("v4", ChipSpec("v4", 32 * GiB, 275e12, 3, "v4", 1.2e12, 4.5e10, 2, 6.25e9))
+CHIPS.add("v5e", ChipSpec("v5e", 16 * GiB, 197e12, 2, "v5e", 8.19e11, 4.5e10, 2, 3.125e9))
+CHIPS.add("v5p", ChipSpec("v5p", 95 * GiB, 459e12, 3, "v5p", 2.765e12, 9e10, 2, 6.25e9))
+CHIPS.add("v6e", ChipSpec("v6e", 32 * GiB, 918e12, 2, "v6e", 1.64e12, 9e10, 2, 1.25e10))
 ALIASES = {"v5litepod": "v5e"}
-H100 = ChipSpec("h100", 80 * 10 ** 9, 989e12, 0, "")  # 80 GB HBM3, 989 TFLOP/s dense bf16
+# 80 GB HBM3, 989 TFLOP/s dense bf16; NVSwitch: a ring sees the GPU's one-way NVLink bandwidth.
+H100 = ChipSpec("h100", 80 * 10 ** 9, 989e12, 0, "", 3.35e12, 4.5e11, 1, 5e10)
 
 # 2-D slices that exist (chips -> grid); v5e and v6e share them.
 GRIDS_2D = {1: (1, 1), 4: (2, 2), 8: (2, 4), 16: (4, 4), 32: (4, 8), 64: (8, 8), 128: (8, 16),
