@@ -7,8 +7,9 @@
 # CHECK:     python -m ctxjax.aot --config=configs/llama2_7b_80k.py --topology=v5p-128
 # HARDWARE:  TPU v5p-128 (64 chips): fsdp 16 x context 4, ring attention over the context axis.
 # EXPECTED:  AOT (measured 2026-11-22, benchmarks/README.md "AOT pod checks"): fits, 58.1 of
-#            95 GiB HBM per chip; 6.63e17 model FLOPs per step -> 56 s/step at MFU 0.4, 1272 steps
-#            in ~20 h. Paper (unverified): needle-in-a-haystack 88.0 at up to 128K after 5B tokens.
+#            95 GiB HBM per chip; 6.63e17 model FLOPs per step. Roofline from the compiled program
+#            (2026-12-05, benchmarks/README.md): 168 s/step, MFU 0.134, HBM-bound (the ring's
+#            blockwise score blocks round-trip HBM), 1272 steps in ~59 h. Paper (unverified): needle-in-a-haystack 88.0 at up to 128K after 5B tokens.
 import math
 
 import ml_collections
