@@ -92,7 +92,9 @@ def get_config(preset: str = "quick"):
   # Overrides are nested like the training config: sections merge, values replace.
   c.base_overrides = dict(
       model=dict(MICRO, max_position_embeddings=16 * pretrain_len),
-      data=dict(seq_len=pretrain_len, batch_size=16),
+      # Every row's positions run 0..seq_len-1 (Press et al.'s setting): the per-document
+      # default continues a long file's offsets, which a learned table cannot hold.
+      data=dict(seq_len=pretrain_len, batch_size=16, packed_positions="continuous"),
       train=dict(steps=p["pretrain_steps"], save_every=max(1, p["pretrain_steps"] // 3),
                  keep_checkpoints=1, eval_batches=4, log_every=10),
       optim=dict(warmup_steps=20))

@@ -95,3 +95,30 @@ def test_compression_eval_same_budget():
   res = compress_eval.compression_eval(gen, None, None, tok, keyed, "passkey", [600],
                                        budget=300, **kw)
   assert res["accuracy"]["compressed"] == 1.0
+
+
+def test_mixed_length_batches_equal_per_length_batches():
+  """mix_lengths right-pads prompts of several lengths into one generate call (fewer
+  compiles); a real model's greedy continuations must not change."""
+  import jax
+  import jax.numpy as jnp
+
+  from ctxjax.eval import generate
+  from ctxjax.model import Transformer, model_config_from_dict
+  tok = CharTokenizer()
+  model = Transformer(model_config_from_dict(dict(
+      vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=2, head_dim=16, scan_layers=False,
+      dtype="float32", initializer_range=1.0)))  # large weights: the prompt steers the output
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+  need = retrieval.min_length(tok, "passkey")
+  kwargs = dict(lengths=[need + 8, need + 40], depths=[0.0, 1.0], samples=1)
+  per_length = retrieval.retrieval_grid(generate, model, variables, tok, "passkey",
+                                        batch_size=2, **kwargs)
+  mixed = retrieval.retrieval_grid(generate, model, variables, tok, "passkey", batch_size=4,
+                                   mix_lengths=True, **kwargs)
+  key = lambda r: (r["length"], r["depth"])
+  predictions = [r["prediction"] for r in sorted(per_length["samples"], key=key)]
+  assert len(set(predictions)) > 1  # continuations depend on the prompt: padding would show
+  assert predictions == [r["prediction"] for r in sorted(mixed["samples"], key=key)]
+  assert mixed["scores"] == per_length["scores"]

@@ -62,14 +62,19 @@ def new_tokens(rows_BT: np.ndarray, prompt_len: int, eos_id: int | None) -> list
 def generate_batch(generate_fn: Callable, model, variables, prompts: Sequence[np.ndarray],
                    max_new_tokens: int, eos_id: int | None,
                    pad_to: int | None = None) -> list[list[int]]:
-  """Greedy continuations (new ids) of equal-length prompts; the batch is filled up to
-  `pad_to` rows with copies of the first prompt (one compiled shape per length)."""
+  """Greedy continuations (new ids) of the prompts, right-padded to the longest (generate's
+  `prompt_lengths`); the batch is filled up to `pad_to` rows with copies of the first prompt
+  (one compiled shape per batch and longest prompt)."""
   rows = [np.asarray(p, np.int32) for p in prompts]
-  batch = np.stack(rows + rows[:1] * max(0, (pad_to or 0) - len(rows)))
+  rows += rows[:1] * max(0, (pad_to or 0) - len(rows))
+  width = max(len(r) for r in rows)
+  batch = np.zeros((len(rows), width), np.int32)
+  for i, r in enumerate(rows):
+    batch[i, :len(r)] = r
   out = generate_fn(model, variables, batch, max_new_tokens, temperature=0.0, top_p=1.0,
-                    seed=0, prompt_lengths=np.full(len(batch), batch.shape[1], np.int32),
+                    seed=0, prompt_lengths=np.array([len(r) for r in rows], np.int32),
                     eos_id=eos_id)
-  return new_tokens(out, batch.shape[1], eos_id)[:len(rows)]
+  return new_tokens(out, width, eos_id)[:len(prompts)]
 
 
 def retrieval_grid(generate_fn: Callable, model, variables, tok, task: str,
@@ -77,9 +82,11 @@ def retrieval_grid(generate_fn: Callable, model, variables, tok, task: str,
                    samples: int = 1, haystack: Sequence[str] | None = None,
                    batch_size: int = 8, max_new_tokens: int | None = None, seed: int = 0,
                    model_name: str = "", progress: Callable | None = None,
-                   echo: Callable[[str], None] = print) -> dict:
+                   echo: Callable[[str], None] = print, mix_lengths: bool = False) -> dict:
   """{task, model, lengths, depths, scores[depth][len], metrics[name][depth][len], samples,
-  haystack_repeated}; scores are the mean primary score of the cell's samples (in [0, 1])."""
+  haystack_repeated}; scores are the mean primary score of the cell's samples (in [0, 1]).
+  Batches hold one length each, or with `mix_lengths` prompts of every length right-padded
+  to the longest (one compiled program for the whole grid: fewer compiles, more padding)."""
   check_task(task)
   max_new = max_new_tokens or MAX_NEW_TOKENS.get(task)
   hay = haystack if task in HAYSTACK_TASKS else None
@@ -92,23 +99,26 @@ def retrieval_grid(generate_fn: Callable, model, variables, tok, task: str,
   scores = np.zeros((len(depths), len(lengths)))
   metrics: dict[str, np.ndarray] = {}
   records = []
-  for li, length in enumerate(lengths):
-    cells = [(di, s) for di in range(len(depths)) for s in range(samples)]
-    for b in range(0, len(cells), batch_size):
-      chunk = cells[b:b + batch_size]
-      made = [synthetic.make_sample(task, tok, length=int(length), depth=float(depths[di]),
+  cells = [(li, di, s) for li in range(len(lengths)) for di in range(len(depths))
+           for s in range(samples)]
+  groups = [cells] if mix_lengths else [[c for c in cells if c[0] == li]
+                                        for li in range(len(lengths))]
+  for group in groups:
+    for b in range(0, len(group), batch_size):
+      chunk = group[b:b + batch_size]
+      made = [synthetic.make_sample(task, tok, length=int(lengths[li]), depth=float(depths[di]),
                                     seed=[seed, li, di, s], haystack=hay)
-              for di, s in chunk]
+              for li, di, s in chunk]
       prompts = [np.concatenate([[tok.bos_id], m.prompt_ids]) for m in made]
       outs = generate_batch(generate_fn, model, variables, prompts, max_new, eos,
                             pad_to=batch_size)
-      for (di, s), m, ids in zip(chunk, made, outs):
+      for (li, di, s), m, ids in zip(chunk, made, outs):
         prediction = tok.decode(ids)
         result = scoring.score(task, prediction, m.answers)
         scores[di, li] += result["score"] / samples
         for name, value in result.items():
           metrics.setdefault(name, np.zeros_like(scores))[di, li] += value / samples
-        records.append({"length": int(length), "depth": float(depths[di]), "sample": s,
+        records.append({"length": int(lengths[li]), "depth": float(depths[di]), "sample": s,
                         "answer": m.answer, "prediction": prediction, **result})
         if progress is not None:
           progress()

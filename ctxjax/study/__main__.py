@@ -144,7 +144,8 @@ def main(argv) -> None:
     try:
       scheduler.run_items(workdir, items, parallel=parallel, on_finish=finished)
     except scheduler.ItemFailed as e:
-      raise cli.UserError(str(e)) from None
+      out = report.write_report(workdir, study, items)  # what did finish
+      raise cli.UserError(f"{e}; partial report: {out}") from None
     finally:
       bar.close()
       _record_session(workdir, time.perf_counter() - start, parallel)

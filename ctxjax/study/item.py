@@ -88,8 +88,9 @@ def run_eval(study, item, workdir: str) -> dict:
     depths = [float(d) for d in ev.depths]
     res = retrieval.retrieval_grid(
         generate, model, run.variables, run.tokenizer, task, lengths, depths,
-        samples=int(ev.samples), haystack=haystack, batch_size=len(depths) * int(ev.samples),
-        seed=0, model_name=item.model, echo=lambda _: None)
+        samples=int(ev.samples), haystack=haystack, seed=0, model_name=item.model,
+        batch_size=len(lengths) * len(depths) * int(ev.samples), mix_lengths=True,
+        echo=lambda _: None)
     res["train_length"] = run.train_length
     storage.write_text(os.path.join(where, f"{task}.json"), json.dumps(res, indent=1))
     plots.retrieval_heatmap(res, os.path.join(where, f"{task}.png"), run.train_length)

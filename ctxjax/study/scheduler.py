@@ -3,8 +3,9 @@
 Resumable by construction: an item whose output holds `done.json` is skipped, and a training
 item killed half-way resumes from its newest checkpoint when it runs again. Workers die with
 the scheduler (Linux: PR_SET_PDEATHSIG), so a killed study leaves no orphan training.
-Each worker's output goes to DIR/logs/<item>.log; a failed item stops the study with one line
-naming it and its log (the items already finished stay finished).
+Each worker's output goes to DIR/logs/<item>.log. A failed item does not stop the others: the
+items that need it are skipped, everything else runs, and the study then fails with one line
+naming each failed item and its log (running the command again retries them).
 """
 from __future__ import annotations
 
@@ -89,17 +90,24 @@ def run_items(workdir: str, items: list[Item], *, parallel: int, env: dict | Non
       on_finish(it, time.perf_counter() - start, False)
     return
   running: dict[str, tuple[subprocess.Popen, Item, float]] = {}
+  failed: dict[str, str] = {}  # item -> one line; its dependents are not started
   try:
     while pending or running:
+      blocked = [it for it in pending if any(a in failed for a in it.after)]
+      for it in blocked:
+        pending.remove(it)
+        failed[it.name] = f"not run: needs {[a for a in it.after if a in failed]}"
       ready = [it for it in pending if all(a in done for a in it.after)]
       while ready and len(running) < parallel:
         it = ready.pop(0)
         pending.remove(it)
         running[it.name] = (_start(workdir, it, env), it, time.perf_counter())
       if not running:
-        missing = sorted({a for it in pending for a in it.after} - done)
-        raise ItemFailed(f"items {[it.name for it in pending]} wait on {missing}, "
-                         "which no item of the plan provides")
+        if pending:
+          missing = sorted({a for it in pending for a in it.after} - done)
+          raise ItemFailed(f"items {[it.name for it in pending]} wait on {missing}, "
+                           "which no item of the plan provides")
+        break
       time.sleep(0.2)
       for name, (proc, it, start) in list(running.items()):
         code = proc.poll()
@@ -108,8 +116,8 @@ def run_items(workdir: str, items: list[Item], *, parallel: int, env: dict | Non
         del running[name]
         if code != 0 or not item_lib.is_done(workdir, it):
           log = log_path(workdir, it)
-          raise ItemFailed(f"{it.name} failed (exit {code}): {_last_line(log)} "
-                           f"[full log: {log}]")
+          failed[name] = f"exit {code}: {_last_line(log)} [log: {log}]"
+          continue
         done.add(name)
         on_finish(it, time.perf_counter() - start, False)
   finally:
@@ -120,3 +128,6 @@ def run_items(workdir: str, items: list[Item], *, parallel: int, env: dict | Non
         proc.wait(timeout=30)
       except subprocess.TimeoutExpired:
         proc.kill()
+  if failed:
+    raise ItemFailed(f"{len(failed)} item(s) failed; the others finished: "
+                     + "; ".join(f"{k}: {v}" for k, v in failed.items()))
