@@ -36,7 +36,10 @@ def _mixtures(pretrain_len: int, extend_len: int) -> dict:
                        target_context=extend_len),
       "global_upsample": dict(kind="global_upsample", **up),
       "per_source_upsample": dict(kind="per_source_upsample", **up),
-      "upsample_sources": dict(kind="upsample_sources", sources=["code"], **up),
+      # Only code's long files upsampled; dropping code's shorts alone cannot lift the whole
+      # corpus to 70% long (at most 54%), so its long files are repeated instead.
+      "upsample_sources": dict(kind="upsample_sources", sources=["code"],
+                               upsample_method="repeat_long", **up),
   }
 
 
@@ -61,7 +64,9 @@ def methods(pretrain_len: int, factor: int) -> tuple[dict, dict]:
           optim=dict(trainable=["lora_", "embed_tokens", "norm"], weight_decay=0.0)),
   }
   zero_shot = {
-      "dynamic_ntk": dict(rope_scaling=dict(rope_type="dynamic", **scaling)),
+      # Dynamic NTK reads the original length from max_position_embeddings (as transformers).
+      "dynamic_ntk": dict(rope_scaling=dict(rope_type="dynamic", factor=float(factor)),
+                          max_position_embeddings=pretrain_len),
       "yarn": dict(rope_scaling=dict(rope_type="yarn", **scaling)),
       "pi": dict(rope_scaling=dict(rope_type="linear", factor=float(factor))),
       # Han et al. 2024: 4 global tokens + a window of the pretraining length.

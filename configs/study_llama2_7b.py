@@ -48,7 +48,7 @@ def get_config(arg: str = ""):
       "global_upsample": dict(kind="global_upsample", **up),
       "per_source_upsample": dict(kind="per_source_upsample", **up),
       "upsample_sources": dict(kind="upsample_sources", sources=["github", "arxiv", "book"],
-                               **up),
+                               upsample_method="repeat_long", **up),
   }
   c.ablation_method = "abf"
   c.eval = ml_collections.ConfigDict(dict(

@@ -90,3 +90,27 @@ def test_logits_fn_and_model_agree(model_and_vars):
   p = np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16))
   m = np.ones((2, 16), np.float32)
   np.testing.assert_allclose(from_logits(t, p, y, m), nll_fn(t, p, y, m), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "dynamic", "factor": 2.0}])
+def test_packed_windows_equal_separate_windows(model_and_vars, rope_scaling):
+  """pack_to: every length's windows side by side in rows of one width (separate segments,
+  positions restarting) score exactly what separate windows score; dynamic NTK included
+  (it reads max(position) + 1, which packing keeps)."""
+  model, variables, _ = model_and_vars
+  cfg = model_config_from_dict(dict(model.cfg.to_dict(), rope_scaling=rope_scaling,
+                                    max_position_embeddings=8 if rope_scaling else 128))
+  nll_fn = perplexity.nll_fn_from_model(Transformer(cfg), variables)
+  docs = {"a": _docs(1, [40, 25, 60]), "b": _docs(2, [90])}
+  kw = dict(bos_id=BOS, batch_tokens=64, max_tokens=100)
+  alone = perplexity.perplexity_vs_length(nll_fn, docs, [8, 16, 32], **kw)
+  packed = perplexity.perplexity_vs_length(nll_fn, docs, [8, 16, 32], pack_to=64, **kw)
+  for src in docs:
+    for L in ("8", "16", "32"):
+      a, p = alone["per_source"][src][L], packed["per_source"][src][L]
+      assert p["tokens"] == a["tokens"] > 0
+      assert p["nll"] == pytest.approx(a["nll"], rel=1e-5)
+  # the segments matter: one segment per packed row lets windows see each other
+  one_segment = lambda t, p, y, m, s: nll_fn(t, p, y, m, np.ones_like(s))
+  leaky = perplexity.perplexity_vs_length(one_segment, docs, [8], pack_to=64, **kw)
+  assert leaky["overall"]["8"]["nll"] != pytest.approx(alone["overall"]["8"]["nll"], rel=1e-5)

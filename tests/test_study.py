@@ -56,9 +56,11 @@ def test_findings_rules_on_hand_made_numbers():
          "pretrain_learned": {128: 10.0, 2048: 90.0}, "pretrain_xpos": {128: 10.0, 2048: 30.0}}
   r = findings.Results(ppl, {}, {}, 128, 512, {}, {})
   assert findings.alibi_extrapolates(r).verdict == findings.REPRODUCED
-  ppl["pretrain_rope"][2048] = 12.0
+  ppl["pretrain_rope"][2048] = 13.0  # rises 30%, ALiBi 10%: not a blow-up, not flat either
   f = findings.alibi_extrapolates(r)
   assert f.verdict == findings.NOT_REPRODUCED and f.reason
+  ppl["pretrain_alibi"][2048] = 10.2  # ALiBi flat, RoPE and learned rise: the direction only
+  assert findings.alibi_extrapolates(r).verdict == findings.DIRECTION_ONLY
   assert findings.longlora_close(r).verdict == findings.NOT_MEASURED
   r.ppl.update(extend_pi={512: 10.0}, extend_longlora={512: 10.5})
   assert findings.longlora_close(r).verdict == findings.REPRODUCED
@@ -122,8 +124,9 @@ def test_smoke_study_resumes_after_a_kill_and_writes_the_report(tmp_path):
     assert os.path.getsize(os.path.join(out, png)) > 1000, png
   results = json.load(open(os.path.join(out, "results.json")))
   verdicts = [f["verdict"] for f in results["findings"]]
-  assert len(verdicts) == 5 and set(verdicts) <= {findings.REPRODUCED, findings.NOT_REPRODUCED,
-                                                  findings.NOT_MEASURED}
+  assert len(verdicts) == 5 and set(verdicts) <= {
+      findings.REPRODUCED, findings.DIRECTION_ONLY, findings.NOT_REPRODUCED,
+      findings.NOT_MEASURED}
   assert results["ppl"]["zeroshot_yarn"] and results["ppl"]["extend_longlora"]
   # a resumed study with another preset is refused in one line
   bad = subprocess.run([sys.executable, "-m", "ctxjax.study", f"--workdir={workdir}",

@@ -18,7 +18,10 @@ protocols of Press et al. 2022 and Peng et al. 2023 evaluate long books). The st
 A source with fewer than L pairs is skipped at that length (tokens 0, nll/ppl None).
 `max_tokens` caps the scored targets per source and length (the first windows). One jit
 compile per length: windows are batched into fixed [batch_size, L] arrays (missing rows
-masked).
+masked). With `pack_to=W`, every length shares one [batch_size, W] program instead: W // L
+windows sit side by side in a row as separate segments (segment ids 1, 2, ..., positions
+restarting at 0), so attention never crosses windows and each window is scored as alone
+(the same sums up to float rounding; dynamic NTK reads max(position) + 1, unchanged).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from ctxjax.registry import Registry
 
-# (tokens_BT, positions_BT, targets_BT, mask_BT) -> summed NLL per row [B] (float).
+# (tokens_BT, positions_BT, targets_BT, mask_BT[, segment_ids_BT]) -> summed NLL per row [B].
 NllFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 PROTOCOLS: Registry[str] = Registry("protocol")
 PROTOCOLS.add("nonoverlap", "non-overlapping windows of L tokens, each scored from its start")
@@ -52,10 +55,15 @@ def nll_fn_from_logits(logits_fn: Callable) -> NllFn:
 
 
 def nll_fn_from_model(model, variables) -> NllFn:
-  """A jitted NllFn of a ctxjax Transformer (variables are an argument, not constants)."""
+  """A jitted NllFn of a ctxjax Transformer (variables are an argument, not constants);
+  it takes segment ids (default: one segment per row)."""
   import jax  # noqa: PLC0415
-  fn = jax.jit(lambda v, t, p, y, m: _masked_nll(model.apply(v, t, p), y, m))
-  return lambda t, p, y, m: np.asarray(fn(variables, t, p, y, m), np.float64)
+  fn = jax.jit(lambda v, t, p, y, m, s: _masked_nll(model.apply(v, t, p, s), y, m))
+
+  def nll(t, p, y, m, s=None):
+    s = np.ones(np.shape(t), np.int32) if s is None else s
+    return np.asarray(fn(variables, t, p, y, m, s), np.float64)
+  return nll
 
 
 def source_stream(docs: Sequence[np.ndarray], bos_id: int) -> np.ndarray:
@@ -80,21 +88,33 @@ def windows(num_pairs: int, length: int, stride: int | None = None
 
 def stream_nll(nll_fn: NllFn, stream: np.ndarray, length: int, *, bos_id: int,
                stride: int | None = None, batch_size: int = 1,
-               max_tokens: int | None = None) -> tuple[float, int]:
-  """(summed NLL, scored tokens) of `stream` under the protocol (stride None: nonoverlap)."""
+               max_tokens: int | None = None, pack_to: int | None = None) -> tuple[float, int]:
+  """(summed NLL, scored tokens) of `stream` under the protocol (stride None: nonoverlap);
+  `pack_to`: rows of that width holding width // length windows each (module docstring)."""
   inputs, targets = stream[:-1], stream[1:]
   spans = windows(max(len(stream) - 1, 0), length, stride)
+  width = length if pack_to is None else int(pack_to)
+  if width < length:
+    raise ValueError(f"pack_to={pack_to} is shorter than length={length}")
+  per_row = width // length
+  row_positions, row_segments = np.zeros(width, np.int32), np.zeros(width, np.int32)
+  row_positions[:per_row * length] = np.tile(np.arange(length, dtype=np.int32), per_row)
+  row_segments[:per_row * length] = np.repeat(np.arange(1, per_row + 1, dtype=np.int32), length)
+  positions = np.broadcast_to(row_positions, (batch_size, width))
+  segments = np.broadcast_to(row_segments, (batch_size, width))
   rows_t, rows_y, rows_m, total, count = [], [], [], 0.0, 0
-  positions = np.broadcast_to(np.arange(length, dtype=np.int32), (batch_size, length))
 
   def flush():
     nonlocal total
-    n = len(rows_t)
-    pad = batch_size - n
-    t = np.stack(rows_t + [np.zeros(length, np.int32)] * pad)
-    y = np.stack(rows_y + [np.zeros(length, np.int32)] * pad)
-    m = np.stack(rows_m + [np.zeros(length, np.float32)] * pad)
-    total += float(nll_fn(t, positions, y, m)[:n].sum())
+    def stack(rows, dtype):
+      out = np.zeros((batch_size * per_row, length), dtype)
+      out[:len(rows)] = rows
+      out = out.reshape(batch_size, per_row * length)
+      return np.pad(out, ((0, 0), (0, width - per_row * length)))
+    t, y, m = (stack(rows_t, np.int32), stack(rows_y, np.int32),
+               stack(rows_m, np.float32))
+    args = (t, positions, y, m) + ((segments,) if pack_to is not None else ())
+    total += float(nll_fn(*args).sum())  # padding rows / windows are masked: they add 0
     rows_t.clear(), rows_y.clear(), rows_m.clear()
 
   for start, first in spans:
@@ -109,7 +129,7 @@ def stream_nll(nll_fn: NllFn, stream: np.ndarray, length: int, *, bos_id: int,
     rows_y.append(y)
     rows_m.append(m.astype(np.float32))
     count += int(m.sum())
-    if len(rows_t) == batch_size:
+    if len(rows_t) == batch_size * per_row:
       flush()
   if rows_t:
     flush()
@@ -132,10 +152,12 @@ def perplexity_vs_length(nll_fn: NllFn, docs_by_source: Mapping[str, Sequence[np
                          lengths: Sequence[int], *, bos_id: int, protocol: str = "nonoverlap",
                          stride: int | None = None, batch_size: int = 1,
                          batch_tokens: int | None = None, max_tokens: int | None = None,
-                         model: str = "", progress: Callable | None = None) -> dict:
+                         model: str = "", progress: Callable | None = None,
+                         pack_to: int | None = None) -> dict:
   """{model, protocol, stride, lengths, per_source: {src: {L: {nll, ppl, tokens}}},
   overall: {L: ...}}; nll is the mean per scored token (nats), ppl = exp(nll). With
-  `batch_tokens`, each length's batch holds max(1, batch_tokens // L) windows."""
+  `batch_tokens`, each length's batch holds max(1, batch_tokens // L) windows (rows of
+  `pack_to` tokens with `pack_to`: one compiled program for every length)."""
   PROTOCOLS.check(protocol)
   streams = {src: source_stream(docs, bos_id) for src, docs in docs_by_source.items()}
   per_source: dict = {src: {} for src in streams}
@@ -145,9 +167,10 @@ def perplexity_vs_length(nll_fn: NllFn, docs_by_source: Mapping[str, Sequence[np
     s = (stride or max(1, length // 2)) if protocol == "sliding" else None
     sums, counts = 0.0, 0
     for src, stream in streams.items():
+      row = pack_to or length
       nll, n = stream_nll(nll_fn, stream, length, bos_id=bos_id, stride=s,
-                          batch_size=max(1, batch_tokens // length) if batch_tokens
-                          else batch_size, max_tokens=max_tokens)
+                          batch_size=max(1, batch_tokens // row) if batch_tokens
+                          else batch_size, max_tokens=max_tokens, pack_to=pack_to)
       per_source[src][str(length)] = _entry(nll, n)
       sums, counts = sums + nll, counts + n
       if progress is not None:

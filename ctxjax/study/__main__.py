@@ -141,14 +141,17 @@ def main(argv) -> None:
       bar.write(f"[{count[0]}/{len(items)}] {it.name}: {state} "
                 f"({time.perf_counter() - start:.0f} s into the study)")
 
+    failure = None
     try:
       scheduler.run_items(workdir, items, parallel=parallel, on_finish=finished)
     except scheduler.ItemFailed as e:
-      out = report.write_report(workdir, study, items)  # what did finish
-      raise cli.UserError(f"{e}; partial report: {out}") from None
+      failure = e
     finally:
       bar.close()
       _record_session(workdir, time.perf_counter() - start, parallel)
+    if failure is not None:
+      out = report.write_report(workdir, study, items)  # what did finish
+      raise cli.UserError(f"{failure}; partial report: {out}")
   out = report.write_report(workdir, study, items)
   print(f"report: {out}")
 

@@ -76,7 +76,7 @@ def run_eval(study, item, workdir: str) -> dict:
   ppl = perplexity.perplexity_vs_length(
       perplexity.nll_fn_from_model(model, run.variables), docs, list(ev.ppl_lengths),
       bos_id=run.tokenizer.bos_id, protocol="nonoverlap", batch_tokens=8192,
-      max_tokens=int(ev.ppl_tokens), model=item.model)
+      max_tokens=int(ev.ppl_tokens), model=item.model, pack_to=max(ev.ppl_lengths))
   ppl["train_length"] = run.train_length
   storage.write_text(os.path.join(where, "ppl.json"), json.dumps(ppl, indent=1))
   results = {"ppl": "ppl.json"}

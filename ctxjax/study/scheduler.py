@@ -74,6 +74,11 @@ def run_items(workdir: str, items: list[Item], *, parallel: int, env: dict | Non
   parallel=0 runs them one by one in this process (no worker start-up; compiled programs
   shared between items: the tests' mode)."""
   env = dict(os.environ if env is None else env)
+  # Items of one model config (the ablation's mixtures, an eval after its twin) compile the
+  # same programs: a persistent compilation cache shared by the workers compiles them once.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, "jax_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
   done = set()
   for it in items:
     if item_lib.is_done(workdir, it):
