@@ -119,7 +119,12 @@ def main(argv) -> None:
   from ctxjax.study import plan, report, scheduler  # noqa: PLC0415
   workdir = os.path.abspath(cli.output_dir(_WORKDIR.value, "--workdir"))
   path, _, arg = (_CONFIG.value or default_config_path()).partition(":")
-  study = load_study_config(path, arg or _PRESET.value)
+  pinned = os.path.join(workdir, "study.json")
+  if _REPORT_ONLY.value and os.path.isfile(pinned):  # the study as it was run
+    from ctxjax.study import item  # noqa: PLC0415
+    study = item.read_study(workdir)
+  else:
+    study = load_study_config(path, arg or _PRESET.value)
   items = plan.build(study)
   if _AOT.value:
     sys.exit(_aot_check(study, items, workdir))

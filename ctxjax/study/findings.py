@@ -171,15 +171,19 @@ def growlength_faster(r: Results) -> Finding:
        "GrowLength eval loss": g.get("eval_loss"), "fixed eval loss": fixed.get("eval_loss")}
   f = Finding("GrowLength reaches a given loss in less wall time than fixed-length training",
               "Jin et al. 2023", "wall seconds until the training loss (at the full length) "
-              "first reaches the fixed-length run's final loss", NOT_MEASURED, n)
+              "first reaches the fixed-length run's final loss, at least 10% less for "
+              "GrowLength (two runs of one preset differed by up to 15% in these times: the "
+              "workers share the cores)", NOT_MEASURED, n)
   if _missing(n["fixed s to target"], n["target train loss"]):
     return f
   gs = n["GrowLength s to target"]
-  f.verdict = REPRODUCED if gs is not None and gs < n["fixed s to target"] else NOT_REPRODUCED
+  f.verdict = (REPRODUCED if gs is not None and gs <= 0.9 * n["fixed s to target"]
+               else NOT_REPRODUCED)
   if f.verdict == NOT_REPRODUCED:
     f.reason = ("GrowLength never reached the target loss in its budget" if gs is None else
                 "at 128 tokens attention is a small share of the step, so short stages save "
-                "little time, and each stage pays a compile")
+                "little time, and each stage pays a compile; the difference is within the "
+                "noise of wall times measured beside another worker")
   return f
 
 
