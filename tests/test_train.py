@@ -53,3 +53,15 @@ def test_train_refuses_positions_past_an_absolute_table(tmp_path):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode != 0
   assert "max_position_embeddings=512" in proc.stderr and "data.seq_len" in proc.stderr
+
+
+def test_train_refuses_per_document_offsets_with_an_absolute_table(tmp_path):
+  """per_document positions continue a long file's offsets across rows (unbounded): a learned
+  table gave NaN at step 1; now one line names the fix before anything compiles."""
+  cmd = [sys.executable, "-m", "ctxjax.train", "--config=configs/tiny_absolute.py:learned",
+         f"--workdir={tmp_path}", "--config.data.packed_positions=per_document"]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2
+  last = proc.stderr.strip().splitlines()[-1]
+  assert "data.packed_positions='continuous'" in last and "max_position_embeddings=512" in last

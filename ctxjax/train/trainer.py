@@ -43,6 +43,12 @@ def _check_position_range(data: DataConfig, seq_len: int, model_cfg):
   scheme = schemes.get_scheme(model_cfg.position_embedding_type)
   if scheme.absolute is None:
     return
+  if data.position_ids == "data" and data.packed_positions == "per_document":
+    # per_document continues a long document's offsets across rows: unbounded positions.
+    raise ValueError(f"data.packed_positions='per_document' gives a long document's true "
+                     f"offsets, past the {scheme.name} table of model.max_position_embeddings="
+                     f"{model_cfg.max_position_embeddings} rows; set "
+                     f"data.packed_positions='continuous' (every row 0..seq_len-1)")
   if data.position_ids == "data":
     top, key = seq_len - 1, "data.seq_len"
   else:
