@@ -27,7 +27,7 @@ ARGS = {"tiny_rope_scaling.py": ["linear", "ntk", "dynamic", "yarn", "llama3", "
 def _cases():
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
     name = os.path.basename(path)
-    if name.startswith("_"):
+    if name.startswith("_") or name.startswith("study"):  # study plans: test below
       continue
     for arg in ARGS.get(name, [None]):
       yield pytest.param(path, arg, id=f"{name}:{arg}" if arg else name)
@@ -51,6 +51,27 @@ def test_config_validates_and_traces(path, arg):
     logits = jax.eval_shape(lambda t: Transformer(cfg).init_with_output(
         jax.random.PRNGKey(0), t)[0], tokens)
   assert logits.shape == (config.data.batch_size, config.data.seq_len, cfg.vocab_size)
+
+
+@pytest.mark.parametrize("name, arg", [("study.py", "quick"), ("study.py", "full"),
+                                       ("study.py", "smoke"), ("study_llama2_7b.py", "")])
+def test_study_plans_validate(name, arg):
+  """Every training item of a study plan is a valid training config, and every zero-shot
+  change a valid model config (a wrong rope_scaling key stopped an item of a real run)."""
+  from ctxjax.study import __main__ as study_main
+  from ctxjax.study import item, plan
+  study = study_main.load_study_config(os.path.join(ROOT, "configs", name), arg)
+  items = plan.build(study)
+  for it in items:
+    if it.kind == "train":
+      cfg = item.train_config(study, it, "/study")
+      run_config(cfg)
+      model_config_from_dict(cfg.model)
+    elif it.model_overrides:
+      by_name = plan.by_name(items)  # the source run (a HF base: an extension's config)
+      src = by_name.get(plan.train_name(it.source)) or by_name["train:extend_pi"]
+      base = item.train_config(study, src, "/study")
+      model_config_from_dict(dict(base.model.to_dict(), **it.model_overrides))
 
 
 def test_scaling_configs_change_the_frequencies():
