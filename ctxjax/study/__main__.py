@@ -16,16 +16,18 @@ import time
 
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "runs/study", "The study's directory.")
-_PRESET = flags.DEFINE_string("preset", "quick", "quick | full | smoke (configs/study.py).")
-_CONFIG = flags.DEFINE_string("config", None, "A study config file (default: configs/study.py "
-                              "of this checkout), optionally FILE:ARG (ARG replaces --preset).")
-_PARALLEL = flags.DEFINE_integer("parallel", None, "Worker processes at once (default: the "
-                                 "config's `parallel`).")
-_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
-_AOT = flags.DEFINE_bool("aot", False, "Only compile every distinct training item for the "
-                         "config's aot.topology on this host (python -m ctxjax.aot) and say "
-                         "whether each fits; trains nothing.")
+def define_flags() -> None:
+  """The command's flags (defined on demand: importing this module defines none)."""
+  flags.DEFINE_string("workdir", "runs/study", "The study's directory.")
+  flags.DEFINE_string("preset", "quick", "quick | full | smoke (configs/study.py).")
+  flags.DEFINE_string("config", None, "A study config file (default: configs/study.py of "
+                      "this checkout), optionally FILE:ARG (ARG replaces --preset).")
+  flags.DEFINE_integer("parallel", None, "Worker processes at once (default: the config's "
+                       "`parallel`).")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the report.")
+  flags.DEFINE_bool("aot", False, "Only compile every distinct training item for the "
+                    "config's aot.topology on this host (python -m ctxjax.aot) and say "
+                    "whether each fits; trains nothing.")
 
 
 def default_config_path() -> str:
@@ -117,21 +119,22 @@ def main(argv) -> None:
   del argv
   from ctxjax import cli  # noqa: PLC0415
   from ctxjax.study import plan, report, scheduler  # noqa: PLC0415
-  workdir = os.path.abspath(cli.output_dir(_WORKDIR.value, "--workdir"))
-  path, _, arg = (_CONFIG.value or default_config_path()).partition(":")
+  f = flags.FLAGS
+  workdir = os.path.abspath(cli.output_dir(f.workdir, "--workdir"))
+  path, _, arg = (f.config or default_config_path()).partition(":")
   pinned = os.path.join(workdir, "study.json")
-  if _REPORT_ONLY.value and os.path.isfile(pinned):  # the study as it was run
+  if f.report_only and os.path.isfile(pinned):  # the study as it was run
     from ctxjax.study import item  # noqa: PLC0415
     study = item.read_study(workdir)
   else:
-    study = load_study_config(path, arg or _PRESET.value)
+    study = load_study_config(path, arg or f.preset)
   items = plan.build(study)
-  if _AOT.value:
+  if f.aot:
     sys.exit(_aot_check(study, items, workdir))
-  if not _REPORT_ONLY.value:
+  if not f.report_only:
     _pin_study(workdir, study)
     _prepare_data(study)
-    parallel = int(study.parallel) if _PARALLEL.value is None else _PARALLEL.value
+    parallel = int(study.parallel) if f.parallel is None else f.parallel
     total = sum(it.cost for it in items)
     from tqdm import tqdm  # noqa: PLC0415
     bar = tqdm(total=total, desc="study", unit="", bar_format="{l_bar}{bar}| {elapsed}<"
@@ -163,4 +166,5 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
   from ctxjax import cli
+  define_flags()
   cli.run("ctxjax.study", main)
