@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ctxjax import storage
 from ctxjax.study import findings as findings_lib
 from ctxjax.study import item as item_lib
 from ctxjax.study import plan as plan_lib
@@ -135,35 +136,11 @@ def _ppl_plot(collected, models, path, train_lengths) -> str | None:
 
 
 def _heatmap_grid(grids: dict, task: str, path: str) -> str | None:
-  """All models' heatmaps of one task side by side (green found, red missed)."""
-  from matplotlib.colors import LinearSegmentedColormap  # noqa: PLC0415
-  from ctxjax.eval.plots import _pyplot  # noqa: PLC0415
-  models = list(grids)
-  if not models:
+  from ctxjax.eval import plots  # noqa: PLC0415
+  if not grids:
     return None
-  plt = _pyplot()
-  cols = min(4, len(models))
-  rows = -(-len(models) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
-  cmap = LinearSegmentedColormap.from_list("fu2024", ["#F0496E", "#EBB839", "#0CD79F"])
-  for ax in axes.flat[len(models):]:
-    ax.axis("off")
-  for ax, model in zip(axes.flat, models):
-    g = grids[model]
-    scores = np.asarray(g["scores"], float)
-    ax.imshow(scores, cmap=cmap, vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(g["lengths"])), [str(n) for n in g["lengths"]], fontsize=7)
-    ax.set_yticks(range(len(g["depths"])), [f"{100 * d:.0f}%" for d in g["depths"]], fontsize=7)
-    train = g.get("train_length")
-    if train and g["lengths"] and min(g["lengths"]) <= train <= max(g["lengths"]):
-      x = float(np.interp(np.log2(train), np.log2(g["lengths"]), np.arange(len(g["lengths"]))))
-      ax.axvline(x, color="k", linestyle="--", linewidth=1)
-    ax.set_title(f"{model} ({scores.mean():.2f})", fontsize=8)
-  fig.suptitle(f"{task}: score over length (x) and depth (y); dashed = training length",
-               fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.retrieval_heatmap_grid(list(grids.values()), path, f"{task}: score over length (x) and "
+                               "depth (y); dashed = training length")
   return os.path.basename(path)
 
 
@@ -253,11 +230,10 @@ def write_report(workdir: str, study, items: list[plan_lib.Item]) -> str:
          _table(["run", "group", "steps", "final length", "tokens", "wall s", "eval loss"],
                 runs), ""]
   path = os.path.join(out, "README.md")
-  with open(path, "w") as f:
-    f.write("\n".join(md))
+  storage.write_text(path, "\n".join(md))
   record = {k: v for k, v in c.items() if k not in ("grids", "ppl_raw")}
   record.update(findings=[f.__dict__ for f in found], growlength=growth, runs=runs,
                 machine=machine(), preset=study.preset, wall_sec=wall, sessions=sessions)
-  with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(record, f, indent=1, default=str)
+  storage.write_text(os.path.join(out, "results.json"),
+                     json.dumps(record, indent=1, default=str))
   return path
