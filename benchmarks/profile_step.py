@@ -118,15 +118,9 @@ def torch_components(seq_len: int, rounds: int) -> dict | None:
     from torch.profiler import ProfilerActivity, profile
   except ImportError:
     return None
-  import transformers
   torch.set_num_threads(os.cpu_count() or 1)
   m = tiny.get_config().model
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-      num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
-      num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
-      max_position_embeddings=max(m.max_position_embeddings, seq_len),
-      rms_norm_eps=m.rms_norm_eps, tie_word_embeddings=False, attn_implementation="sdpa"))
+  model = throughput.hf_llama(seq_len)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
   tokens = torch.randint(0, m.vocab_size, (throughput.TOKENS_PER_STEP // seq_len, seq_len))
 

@@ -79,22 +79,28 @@ def ctxjax_tokens_per_sec(seq_len: int, impl: str, steps: int, overrides: dict) 
           "params": param_count(cfg)["total"]}
 
 
-def hf_tokens_per_sec(seq_len: int, steps: int) -> float | None:
-  """The same model in transformers (sdpa attention, fp32, AdamW), on the same shapes."""
-  try:
-    import torch
-    import transformers
-  except ImportError:
-    return None
-  torch.set_num_threads(os.cpu_count() or 1)
+def hf_llama(seq_len: int):
+  """configs/tiny.py's model as transformers' LlamaForCausalLM (sdpa attention, fp32)."""
+  import transformers
   m = tiny.get_config().model
-  hf_cfg = transformers.LlamaConfig(
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(
       vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
       num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
       num_key_value_heads=m.num_key_value_heads, head_dim=m.head_dim,
       max_position_embeddings=max(m.max_position_embeddings, seq_len), rms_norm_eps=m.rms_norm_eps,
-      tie_word_embeddings=False, attn_implementation="sdpa")
-  model = transformers.LlamaForCausalLM(hf_cfg)
+      tie_word_embeddings=False, attn_implementation="sdpa"))
+
+
+def hf_tokens_per_sec(seq_len: int, steps: int) -> float | None:
+  """The same model in transformers (sdpa attention, fp32, AdamW), on the same shapes."""
+  try:
+    import torch
+    import transformers  # noqa: F401
+  except ImportError:
+    return None
+  torch.set_num_threads(os.cpu_count() or 1)
+  m = tiny.get_config().model
+  model = hf_llama(seq_len)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
   batch = TOKENS_PER_STEP // seq_len
   tokens = torch.randint(0, m.vocab_size, (batch, seq_len))
