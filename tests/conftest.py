@@ -21,8 +21,9 @@ if os.environ.get("CTXJAX_TEST_XLA_OPT") != "1" and "optimization_level" not in 
 # suite's time. A hit is the same executable a fresh compile gives (the key covers the HLO, the
 # compile options and XLA_FLAGS), so results are unchanged. A fresh directory per session
 # (removed at its end): timings never depend on an earlier run. A set JAX_COMPILATION_CACHE_DIR
-# is kept.
-_OWN_CACHE = not os.environ.get("JAX_COMPILATION_CACHE_DIR")
+# is kept; CTXJAX_TEST_JAX_CACHE=0 turns the cache off (to time compiles).
+_OWN_CACHE = not os.environ.get("JAX_COMPILATION_CACHE_DIR") and os.environ.get(
+    "CTXJAX_TEST_JAX_CACHE") != "0"
 if _OWN_CACHE:
   import tempfile  # noqa: E402
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ctxjax-test-jax-cache-")
