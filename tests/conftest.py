@@ -15,6 +15,20 @@ if os.environ.get("CTXJAX_TEST_XLA_OPT") != "1" and "optimization_level" not in 
     "XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_backend_optimization_level=0").strip()
+# One persistent compilation cache for the test session, shared by both xdist workers and every
+# subprocess (they inherit the environment): many tests (and the training/study subprocesses)
+# compile the same tiny programs under fresh jit closures, and XLA compilation is most of this
+# suite's time. A hit is the same executable a fresh compile gives (the key covers the HLO, the
+# compile options and XLA_FLAGS), so results are unchanged. A fresh directory per session
+# (removed at its end): timings never depend on an earlier run. A set JAX_COMPILATION_CACHE_DIR
+# is kept; CTXJAX_TEST_JAX_CACHE=0 turns the cache off (to time compiles).
+_OWN_CACHE = not os.environ.get("JAX_COMPILATION_CACHE_DIR") and os.environ.get(
+    "CTXJAX_TEST_JAX_CACHE") != "0"
+if _OWN_CACHE:
+  import tempfile  # noqa: E402
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ctxjax-test-jax-cache-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `configs` is importable as a package from the repo root
   sys.path.insert(0, ROOT)
@@ -34,3 +48,12 @@ def tiny_model_dict():
   return dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, head_dim=8,
               max_position_embeddings=128, scan_layers=True)
+
+
+def pytest_unconfigure(config):
+  """Removes the session's compilation cache where it was made (the xdist controller: its
+  workers inherit the directory)."""
+  del config
+  if _OWN_CACHE:
+    import shutil  # noqa: PLC0415
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -46,6 +46,20 @@ def test_plan_covers_the_issue_and_orders_dependencies():
   assert plan.mixture_run(study, "per_source_upsample") == "extend_abf"
 
 
+def test_smoke_plan_keeps_one_item_of_each_kind():
+  study = _study("smoke")
+  items = plan.build(study)
+  assert {(it.kind, it.group) for it in items} == {
+      ("train", g) for g in ("pretrain", "growlength", "extend", "mixture")} | {
+      ("eval", g) for g in ("pretrain", "extend", "zeroshot", "mixture")}
+  assert len(study.growlength_lengths) > 1 and study.zero_shot
+  lora = item.train_config(study, plan.by_name(items)["train:extend_longlora"], "/w")
+  assert lora.model.lora_rank > 0 and lora.model.attention_mode == "s2"
+  # the per-source run of the ablation is an extension item, the other mixtures train too
+  assert plan.mixture_run(study, "per_source_upsample") in {it.model for it in items}
+  assert plan.mixture_run(study, "cut_short") in {it.model for it in items}
+
+
 def test_merged_sections_merge_values_replace():
   out = plan.merged({"model": {"a": 1, "s": {"x": 1}}}, {"model": {"b": 2, "s": None}})
   assert out == {"model": {"a": 1, "b": 2, "s": None}}
