@@ -34,12 +34,13 @@ Arms (ARMS, a Registry; one more method is one more ARMS.add):
               16), a fresh 2-layer side network trained alone, its last layer reading the
               backbone's last-layer keys/values of earlier windows (16 neighbours).
 
-landmark, memorizing and fot start from the rope arm's parameters (new ones - the landmark id's
-embedding row, memory gates - fresh) and then train all parameters for --steps steps, as the
-papers fine-tune a pretrained model (LLaMA 7B for landmarks, OpenLLaMA for LongLLaMA/FoT; Wu
-et al. 2022 also add memory to a pretrained model by fine-tuning). Trained from scratch for the
-same 300 steps they scored 0.00 even at 1x (benchmarks/results/memory_scratch.json): with
-windows or blocks of 16 tokens they had not learned the cross-window copy within the budget.
+landmark, memorizing and fot train from scratch like rope. With windows or blocks of 16 tokens
+they do not learn the cross-window copy in 300 steps: 0.00 even at 1x
+(benchmarks/results/memory.json). The papers fine-tune a pretrained model instead (LLaMA 7B
+for landmarks, OpenLLaMA for LongLLaMA/FoT; Wu et al. 2022 also add memory to a pretrained
+model by fine-tuning), so `landmark_ft`, `memorizing_ft` and `fot_ft` start from the rope arm's
+parameters and train all of them for --steps steps. Their new parameters start fresh: the
+landmark id's rows, the memory gates. Run them with --arms=rope,landmark_ft,memorizing_ft,fot_ft.
 
 The memory arms read a prompt window by window (ctxjax.model.memory_inference) with a memory
 enlarged at evaluation to hold the whole prompt (memory_size is not a parameter).
@@ -103,18 +104,22 @@ ARMS.add("rope_pi", Arm("rope + linear PI x4, fine-tuned at 4x",
                              max_position_embeddings=4 * 128),
                         base="rope", length_factor=4, step_divisor=3, peak_lr=1e-3))
 ARMS.add("alibi", Arm("ALiBi", dict(position_embedding_type="alibi")))
-ARMS.add("landmark", Arm("landmark attention, top-2 blocks, fine-tuned from rope",
-                         dict(attention_mode="landmark", attention_impl="blockwise"),
-                         base="rope", landmark=True))
-ARMS.add("memorizing", Arm("kNN memory (last layer), 16 neighbours, fine-tuned from rope",
-                           {**MEMORY, "memory_kind": "memorizing", "memory_neighbors": 16},
-                           base="rope"))
-ARMS.add("fot", Arm("Focused Transformer memory (last layer), 3 negatives, fine-tuned from rope",
-                    {**MEMORY, "memory_kind": "fot", "memory_cross_batch": 3}, base="rope"))
+LANDMARK = dict(attention_mode="landmark", attention_impl="blockwise")
+MEMORIZING = {**MEMORY, "memory_kind": "memorizing", "memory_neighbors": 16}
+FOT = {**MEMORY, "memory_kind": "fot", "memory_cross_batch": 3}
+ARMS.add("landmark", Arm("landmark attention, top-2 blocks", LANDMARK, landmark=True))
+ARMS.add("memorizing", Arm("kNN memory (last layer), 16 neighbours", MEMORIZING))
+ARMS.add("fot", Arm("Focused Transformer memory (last layer), 3 negatives", FOT))
 ARMS.add("longmem", Arm("LongMem side network on the frozen rope arm",
                         {**MEMORY, "memory_kind": "longmem", "memory_neighbors": 16,
                          "side_layers": 2, "side_memory_layer": -1},
                         base="rope", trainable="side_"))
+DEFAULT_ARMS = list(ARMS)  # insertion order: every base before the arms that start from it
+# The same three methods fine-tuned from the rope arm (module doc): not in the default run.
+ARMS.add("landmark_ft", Arm("landmark attention, fine-tuned from rope", LANDMARK, base="rope",
+                            landmark=True))
+ARMS.add("memorizing_ft", Arm("kNN memory, fine-tuned from rope", MEMORIZING, base="rope"))
+ARMS.add("fot_ft", Arm("Focused Transformer memory, fine-tuned from rope", FOT, base="rope"))
 
 
 def model_overrides(arm: Arm, vocab_size: int) -> dict:
@@ -302,8 +307,7 @@ def table(results: dict) -> str:
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
-  # ARMS in insertion order: every base before the arms that start from it
-  parser.add_argument("--arms", type=lambda s: s.split(","), default=list(ARMS))
+  parser.add_argument("--arms", type=lambda s: s.split(","), default=DEFAULT_ARMS)
   parser.add_argument("--steps", type=int, default=300)
   parser.add_argument("--multiples", type=lambda s: [int(x) for x in s.split(",")],
                       default=[1, 4, 8, 16])

@@ -26,8 +26,26 @@ def _cfg(name):
 @pytest.mark.parametrize("name", list(memory.ARMS))
 def test_every_arm_builds_a_valid_model_config(name):
   cfg = _cfg(name)
-  assert cfg.memory_kind == ({"memorizing", "fot", "longmem"} & {name} or {"none"}).pop()
-  assert (cfg.attention_mode == "landmark") == (name == "landmark")
+  method = name.removesuffix("_ft")
+  assert cfg.memory_kind == ({"memorizing", "fot", "longmem"} & {method} or {"none"}).pop()
+  assert (cfg.attention_mode == "landmark") == (method == "landmark")
+
+
+def test_fine_tuned_arms_start_from_rope_and_are_not_in_the_default_run():
+  assert memory.DEFAULT_ARMS == ["rope", "rope_pi", "alibi", "landmark", "memorizing", "fot",
+                                 "longmem"]
+  for name in ("landmark_ft", "memorizing_ft", "fot_ft"):
+    assert memory.ARMS.get(name).base == "rope"
+
+
+def test_start_from_copies_shared_leaves_and_pads_a_larger_one():
+  import jax.numpy as jnp  # noqa: PLC0415
+  fresh = {"embed": jnp.zeros((3, 2)), "layer": {"w": jnp.zeros(2), "gate": jnp.ones(1)}}
+  base = {"embed": jnp.ones((2, 2)), "layer": {"w": jnp.full(2, 5.0)}}
+  out = memory.start_from(fresh, base)
+  np.testing.assert_array_equal(out["embed"], [[1, 1], [1, 1], [0, 0]])
+  np.testing.assert_array_equal(out["layer"]["w"], [5, 5])
+  np.testing.assert_array_equal(out["layer"]["gate"], [1])
 
 
 def test_unknown_arm_names_the_flag():
