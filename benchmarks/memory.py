@@ -175,7 +175,8 @@ def start_from(fresh: dict, base: dict) -> dict:
   return jax.tree_util.tree_map_with_path(pick, fresh)
 
 
-def train_arm(name: str, tok, steps: int, trained: dict, pool: int = POOL) -> dict:
+def train_arm(name: str, tok, steps: int, trained: dict, pool: int = POOL,
+              batch: int = BATCH) -> dict:
   """{model, variables, train_sec, final_train_loss, steps} of arm `name`; `trained` holds the
   arms trained before (an arm with a base starts from the base's parameters)."""
   from ctxjax.agent import passkey_model  # noqa: PLC0415
@@ -187,11 +188,11 @@ def train_arm(name: str, tok, steps: int, trained: dict, pool: int = POOL) -> di
   n = max(1, steps // arm.step_divisor)
   began = time.perf_counter()
   variables, loss = passkey_model.train_rows(
-      model, variables, rows, steps=n, batch=BATCH // arm.length_factor, peak_lr=arm.peak_lr,
+      model, variables, rows, steps=n, batch=batch // arm.length_factor, peak_lr=arm.peak_lr,
       end_lr=arm.peak_lr / 10, trainable=arm.trainable,
       training=arm.landmark or model.cfg.memory_kind != "none")
   return {"model": model, "variables": variables, "train_sec": time.perf_counter() - began,
-          "final_train_loss": loss, "steps": n, "batch": BATCH // arm.length_factor,
+          "final_train_loss": loss, "steps": n, "batch": batch // arm.length_factor,
           "train_prompt_tokens": TRAIN_LENGTH * arm.length_factor}
 
 
