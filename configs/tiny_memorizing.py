@@ -8,7 +8,7 @@
 #            (inference over any length: ctxjax.model.memory_inference.run_windows / generate)
 # `:passkey` (configs/tiny_memorizing.py:passkey, any memory config): the same memory on
 # configs/tiny_passkey.py's 2-layer model and corpus, memory in the last layer
-# (benchmarks/memory_layers.py).
+# (for the trainer; benchmarks/memory.py trains its own 2-layer phrase-tokenizer model).
 # HARDWARE:  2 CPU cores shared with other jobs (load 9-14): 307 s for a 60-step run at
 #            batch 4 (328 tokens/s); the full config was not run.
 # EXPECTED:  measured 2026-12-05 with --config.train.steps=60 --config.data.batch_size=4

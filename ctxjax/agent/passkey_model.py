@@ -41,21 +41,26 @@ class PhraseTokenizer:
     return "".join(self.pieces[i] for i in ids if i > self.eos_id)
 
 
-def tiny_model(vocab_size: int):
-  cfg = model_config_from_dict(dict(
-      vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=4, head_dim=16, max_position_embeddings=128,
-      scan_layers=False, dtype="float32"))
+MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=4, head_dim=16, max_position_embeddings=128,
+             scan_layers=False, dtype="float32")
+
+
+def tiny_model(vocab_size: int, **overrides):
+  """(model, variables) of the 2-layer width-64 model; `overrides` change config keys (position
+  scheme, attention mode, memory kind: benchmarks/memory.py)."""
+  cfg = model_config_from_dict({**MODEL, "vocab_size": vocab_size, **overrides})
   model = Transformer(cfg)
   return model, model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
 
 
-def training_rows(tok, n: int, seed: int = 1):
-  """[n, T] rows `[bos] prompt answer eos pad...` at uniform depths, and their loss masks."""
+def training_rows(tok, n: int, seed: int = 1, length: int = TRAIN_LENGTH):
+  """[n, T] rows `[bos] prompt answer eos pad...` (prompts of `length` tokens) at uniform
+  depths, and their loss masks."""
   rng = np.random.default_rng(seed)
   rows = []
   for i in range(n):
-    s = synthetic.make_sample("passkey", tok, length=TRAIN_LENGTH, depth=float(rng.uniform()),
+    s = synthetic.make_sample("passkey", tok, length=length, depth=float(rng.uniform()),
                               seed=[seed, i])
     rows.append([tok.bos_id, *s.prompt_ids.tolist(), *tok.encode(s.answer), tok.eos_id])
   tokens = np.full((n, max(map(len, rows))), tok.pad_id, np.int32)
@@ -66,24 +71,42 @@ def training_rows(tok, n: int, seed: int = 1):
 
 def train(model, variables, tokens, mask, *, steps: int = 300, batch: int = 32):
   """AdamW with warmup-cosine, next-token loss on the masked targets -> (variables, loss)."""
+  return train_rows(model, variables, {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                                       "mask": mask}, steps=steps, batch=batch)
+
+
+def train_rows(model, variables, rows: dict, *, steps: int = 300, batch: int = 32,
+               peak_lr: float = 3e-3, end_lr: float = 3e-4,
+               trainable: str | None = None, training: bool = False):
+  """`train` on prepared rows: inputs/targets/mask [N, T] and optionally positions and
+  segment_ids [N, T] together (landmark rows, ctxjax/data/landmark.py). `trainable`: a
+  parameter-name prefix; the others keep their values (LongMem's frozen backbone). `training`
+  is the model's train flag (landmark's grouped softmax, FoT's cross-batch negatives)."""
   tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
-      optax.warmup_cosine_decay_schedule(0.0, 3e-3, 30, steps, 3e-4), weight_decay=0.01))
+      optax.warmup_cosine_decay_schedule(0.0, peak_lr, min(30, steps // 10), steps, end_lr),
+      weight_decay=0.01))
   params = variables["params"]
   opt = tx.init(params)
+  extra = ("positions", "segment_ids") if "positions" in rows else ()
+  keep = None if trainable is None else {k: k.startswith(trainable) for k in params}
 
   @jax.jit
-  def step(params, opt, x_BT, m_BT):
+  def step(params, opt, x_BT, y_BT, m_BT, *extra_BT):
     def loss_fn(p):
-      logits = model.apply({"params": p}, x_BT[:, :-1])
-      nll = optax.softmax_cross_entropy_with_integer_labels(logits, x_BT[:, 1:])
+      logits = model.apply({"params": p}, x_BT, *extra_BT, train=training)
+      nll = optax.softmax_cross_entropy_with_integer_labels(logits, y_BT)
       return jnp.sum(nll * m_BT) / jnp.sum(m_BT)
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt = tx.update(grads, opt, params)
+    if keep is not None:  # frozen parameters: no update, weight decay included
+      updates = {k: u if keep[k] else jax.tree.map(jnp.zeros_like, u)
+                 for k, u in updates.items()}
     return optax.apply_updates(params, updates), opt, loss
 
   loss = jnp.nan
-  for idx in np.random.default_rng(2).integers(0, len(tokens), (steps, batch)):
-    params, opt, loss = step(params, opt, tokens[idx], mask[idx])
+  for idx in np.random.default_rng(2).integers(0, len(rows["inputs"]), (steps, batch)):
+    params, opt, loss = step(params, opt, rows["inputs"][idx], rows["targets"][idx],
+                             rows["mask"][idx], *[rows[k][idx] for k in extra])
   return {"params": params}, float(loss)
 
 
