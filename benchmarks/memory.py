@@ -66,13 +66,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402  (benchmarks/measure.py)
 
 from ctxjax.registry import Registry  # noqa: E402
 
@@ -88,7 +90,7 @@ class Arm:
   about: str
   model: dict = dataclasses.field(default_factory=dict)  # passkey_model.MODEL overrides
   base: str | None = None          # the arm whose trained parameters this one starts from
-  trainable: str | None = None     # parameter-name prefix trained (None = all)
+  trainable: tuple[str, ...] = ()  # regexes of the parameters that train (() = all)
   length_factor: int = 1           # training prompt length / TRAIN_LENGTH
   step_divisor: int = 1            # steps = --steps // step_divisor
   peak_lr: float = 3e-3
@@ -113,7 +115,7 @@ ARMS.add("fot", Arm("Focused Transformer memory (last layer), 3 negatives", FOT)
 ARMS.add("longmem", Arm("LongMem side network on the frozen rope arm",
                         {**MEMORY, "memory_kind": "longmem", "memory_neighbors": 16,
                          "side_layers": 2, "side_memory_layer": -1},
-                        base="rope", trainable="side_"))
+                        base="rope", trainable=("^side_",)))
 DEFAULT_ARMS = list(ARMS)  # insertion order: every base before the arms that start from it
 # The same three methods fine-tuned from the rope arm (module doc): not in the default run.
 ARMS.add("landmark_ft", Arm("landmark attention, fine-tuned from rope", LANDMARK, base="rope",
@@ -237,6 +239,7 @@ def program_bytes(model, variables, length: int) -> int:
   """temp + argument bytes (XLA memory_analysis) of the program reading a prompt, batch 1."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
   cfg = model.cfg
   prompt = jnp.zeros((1, length + 1), jnp.int32)
   if cfg.memory_kind != "none":
@@ -247,7 +250,7 @@ def program_bytes(model, variables, length: int) -> int:
   elif cfg.attention_mode == "landmark":
     from ctxjax.attention.landmark import with_landmarks  # noqa: PLC0415
     from ctxjax.model import landmark_generate  # noqa: PLC0415
-    slots = with_landmarks(jnp.zeros((1, length + 1 + MAX_NEW), jnp.int32).__array__(),
+    slots = with_landmarks(np.zeros((1, length + 1 + MAX_NEW), np.int32),
                            cfg.attention_options["mem_freq"],
                            cfg.attention_options["landmark_token_id"])
     lowered = landmark_generate._logits.lower(model, variables, jnp.asarray(slots))  # noqa: SLF001
@@ -326,7 +329,7 @@ def main(argv=None):
   results = {"command": " ".join(["benchmarks/memory.py"] + (argv or sys.argv[1:])),
              "train_length": TRAIN_LENGTH, "steps": args.steps, "batch": BATCH, "pool": POOL,
              "depths": args.depths, "samples_per_depth": args.samples,
-             "loadavg_before": list(os.getloadavg()), "arms": []}
+             "started": measure.now(), "machine": measure.machine(), "arms": []}
   trained = {}
   began = time.perf_counter()
   for name in args.arms:
@@ -340,9 +343,8 @@ def main(argv=None):
                                                    "batch", "train_prompt_tokens")},
                             "lengths": lengths})
     results["wall_sec"] = time.perf_counter() - began
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(results, f, indent=1)
+    results["machine_after"] = measure.machine()
+    measure.write_json(args.out, results)
   print(table(results))
 
 

@@ -6,6 +6,7 @@ real-model command when no workdir is given: the recipe of tests/test_passkey_re
 from __future__ import annotations
 
 import re
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ import optax
 
 from ctxjax.data import synthetic
 from ctxjax.model import Transformer, model_config_from_dict
+from ctxjax.train import trainable as trainable_lib
 
 TRAIN_LENGTH = 40  # prompt tokens without bos: the model's window for the agent command
 
@@ -76,19 +78,21 @@ def train(model, variables, tokens, mask, *, steps: int = 300, batch: int = 32):
 
 
 def train_rows(model, variables, rows: dict, *, steps: int = 300, batch: int = 32,
-               peak_lr: float = 3e-3, end_lr: float = 3e-4,
-               trainable: str | None = None, training: bool = False):
+               peak_lr: float = 3e-3, end_lr: float = 3e-4, trainable: Sequence[str] = (),
+               training: bool = False):
   """`train` on prepared rows: inputs/targets/mask [N, T] and optionally positions and
-  segment_ids [N, T] together (landmark rows, ctxjax/data/landmark.py). `trainable`: a
-  parameter-name prefix; the others keep their values (LongMem's frozen backbone). `training`
-  is the model's train flag (landmark's grouped softmax, FoT's cross-batch negatives)."""
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
+  segment_ids [N, T] together (landmark rows, ctxjax/data/landmark.py). `trainable`: regexes
+  of the parameters that train, as `optim.trainable` (ctxjax/train/trainable.py: the others
+  get no gradient, no optimizer state and no update; LongMem's frozen backbone); () trains
+  all. `training` is the model's train flag (landmark's grouped softmax, FoT's cross-batch
+  negatives)."""
+  tx = trainable_lib.only_trainable(optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, peak_lr, min(30, steps // 10), steps, end_lr),
-      weight_decay=0.01))
+      weight_decay=0.01)), trainable)
   params = variables["params"]
   opt = tx.init(params)
   extra = ("positions", "segment_ids") if "positions" in rows else ()
-  keep = None if trainable is None else {k: k.startswith(trainable) for k in params}
+  mask = trainable_lib.trainable_mask(params, trainable)
 
   @jax.jit
   def step(params, opt, x_BT, y_BT, m_BT, *extra_BT):
@@ -96,11 +100,8 @@ def train_rows(model, variables, rows: dict, *, steps: int = 300, batch: int = 3
       logits = model.apply({"params": p}, x_BT, *extra_BT, train=training)
       nll = optax.softmax_cross_entropy_with_integer_labels(logits, y_BT)
       return jnp.sum(nll * m_BT) / jnp.sum(m_BT)
-    loss, grads = jax.value_and_grad(loss_fn)(params)
+    loss, grads = trainable_lib.value_and_grad(loss_fn, mask)(params)
     updates, opt = tx.update(grads, opt, params)
-    if keep is not None:  # frozen parameters: no update, weight decay included
-      updates = {k: u if keep[k] else jax.tree.map(jnp.zeros_like, u)
-                 for k, u in updates.items()}
     return optax.apply_updates(params, updates), opt, loss
 
   loss = jnp.nan
