@@ -37,6 +37,7 @@ import optax  # noqa: E402
 from configs import tiny  # noqa: E402
 from ctxjax.attention import api  # noqa: E402
 from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
+from ctxjax.model.flops import param_count  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
 from ctxjax.train.step import cross_entropy, init_state, make_train_step  # noqa: E402
 from ctxjax.train.xla_options import step_compiler_options  # noqa: E402
@@ -161,11 +162,10 @@ def main():
   peak = throughput.matmul_peak_flops()
   result = {"started": measure.now(), "machine": measure.machine(), "rounds": args.rounds,
             "matmul_peak_flops": peak, "rows": []}
+  cfg = model_config_from_dict(tiny.get_config().model)
+  non_embed = param_count(cfg)["total"] - cfg.vocab_size * cfg.hidden_size
+  matmul_s = 6 * non_embed * throughput.TOKENS_PER_STEP / peak  # projections + lm_head
   for seq_len in [int(s) for s in args.seq_lens.split(",")]:
-    cfg = model_config_from_dict(tiny.get_config().model)
-    from ctxjax.model.flops import param_count
-    non_embed = param_count(cfg)["total"] - cfg.vocab_size * cfg.hidden_size
-    matmul_s = 6 * non_embed * throughput.TOKENS_PER_STEP / peak  # projections + lm_head
     row = {"seq_len": seq_len, "projection_matmuls_at_peak_s": matmul_s,
            "ctxjax": ctxjax_components(seq_len, args.rounds),
            "torch": torch_components(seq_len, args.rounds)}
