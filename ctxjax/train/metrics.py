@@ -1,4 +1,5 @@
-"""Metrics sinks: WORKDIR/metrics.jsonl (one JSON object per logged step) + TensorBoard.
+"""Metrics sinks: WORKDIR/metrics.jsonl (one JSON object per logged step) + TensorBoard scalars
+(ctxjax/train/tb_events.py).
 
 A remote workdir (gs://...) cannot be appended to: both are written in a local staging
 directory (metrics.jsonl seeded with the workdir's, so a resumed run appends) and mirrored into
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 
 from ctxjax import storage
+from ctxjax.train import tb_events
 
 SYNC_SEC = 30.0  # a killed run with a remote workdir loses at most this much of its metrics
 
@@ -34,11 +36,7 @@ class MetricsWriter:
         storage.copy_file(remote, os.path.join(local, "metrics.jsonl"))
       workdir = local
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # TensorBoard events are optional; metrics.jsonl is the contract
-      self._tb = None
+    self._tb = tb_events.ScalarWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict):
     if not self.enabled:
@@ -50,6 +48,7 @@ class MetricsWriter:
       for key, value in record.items():
         if key != "step" and isinstance(value, (int, float)):
           self._tb.add_scalar(key, value, step)
+      self._tb.flush()  # a few hundred bytes per logged step: TensorBoard sees them at once
     self._sync(force=False)
 
   def _sync(self, force: bool):
