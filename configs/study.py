@@ -6,8 +6,9 @@
 #
 # COMMAND:   bash launch/local.sh study            (= python -m ctxjax.study --workdir=runs/study)
 #            python -m ctxjax.study --workdir=runs/study_full --preset=full
-# HARDWARE:  2 CPU cores. quick: see README.md "The study" for the measured time; full: about
-#            4x quick's training tokens (longer runs, more samples per heatmap cell).
+# HARDWARE:  2 CPU cores. quick: 5-11 min with the install, by CPU (README.md "The study");
+#            full: 4x quick's training tokens and 2x its samples per heatmap cell, 11.1 min on a
+#            2-core AMD EPYC Zen 4 (2026-12-05).
 # EXPECTED:  runs/study/report/README.md with the tables, plots and findings (README.md quotes
 #            the measured headline table).
 #
