@@ -38,8 +38,12 @@ def get_config(arg: str = ""):
   c.extend_steps = EXTEND_STEPS
   c.extend_overrides = dict(data=dict(seq_len=extend_len))
   c.extensions, c.zero_shot = study.methods(PRETRAIN_LEN, FACTOR)
-  # S2-Attn has no ring kernel: LongLoRA runs blockwise, the sequence sharded by GSPMD.
-  c.extensions.longlora.model.attention_impl = "blockwise"
+  # S2-Attn on the all_gather context-parallel kernel: K/V gathered over "context" once per
+  # layer, each chip's queries attend only their S2 groups (blockwise skips the rest). The AOT
+  # check (2026-12-05): 89.3 GiB per chip, 163 s/step predicted, memory-bound, as the other
+  # extensions; on "blockwise" GSPMD gathered inside the kernel's loops instead (25 PB of
+  # all-gathers, 1.1e5 s/step) and on "ring" it needs 106.4 GiB (does not fit).
+  c.extensions.longlora.model.attention_impl = "all_gather"
   c.extension_mixture = "per_source_upsample"
   up = dict(short_threshold=4096, target_context=extend_len, long_share=0.7)
   c.mixtures = {

@@ -41,19 +41,24 @@ from ml_collections import config_flags
 from ctxjax.train import topology as topo
 from ctxjax.train.config import run_config
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/<recipe>.py file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU product name: v4-N, v5p-N (N TensorCores), "
-                                "v5e-N / v5litepod-N, v6e-N (N chips). Default: config.aot.")
-_DEVICES = flags.DEFINE_string("devices", None, "cpu:N — N fake CPU devices (GPU recipes' "
-                               "shape/sharding check) instead of --topology.")
-_STAGE = flags.DEFINE_integer("stage", None, "Check only this stage (default: every stage).")
-_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the 'assumed' step "
-                          "time printed beside the roofline prediction.")
-_JSON = flags.DEFINE_string("json", None, "Merge the results into this JSON file (a list).")
-_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Also write each stage's compiled (post-"
-                               "optimisation) HLO text to <dir>/stage<i>.hlo.txt.")
-flags.mark_flags_as_required(["config"])
+
+def define_flags() -> None:
+  """The command's flags, defined on demand: importing this module defines none (ctxjax.study
+  imports it for `--aot` and has a --config flag of its own)."""
+  config_flags.DEFINE_config_file("config", None, "Path to a configs/<recipe>.py file.",
+                                  lock_config=True)
+  flags.DEFINE_string("topology", None, "TPU product name: v4-N, v5p-N (N TensorCores), "
+                      "v5e-N / v5litepod-N, v6e-N (N chips). Default: config.aot.")
+  flags.DEFINE_string("devices", None, "cpu:N — N fake CPU devices (GPU recipes' "
+                      "shape/sharding check) instead of --topology.")
+  flags.DEFINE_integer("stage", None, "Check only this stage (default: every stage).")
+  flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation assumed for the 'assumed' step "
+                     "time printed beside the roofline prediction.")
+  flags.DEFINE_string("json", None, "Merge the results into this JSON file (a list).")
+  flags.DEFINE_string("hlo_dir", None, "Also write each stage's compiled (post-"
+                      "optimisation) HLO text to <dir>/stage<i>.hlo.txt.")
+  flags.mark_flags_as_required(["config"])
+
 
 GiB = topo.GiB
 
@@ -332,20 +337,21 @@ def verdict(reports: list[dict]) -> tuple[int, list[str]]:
 def main(argv):
   del argv
   from ctxjax import cli  # noqa: PLC0415
-  cfg = run_config(_CONFIG.value)  # bad input: one line, exit 2 (ctxjax/cli.py)
-  topology, devices = choose_target(cfg, _TOPOLOGY.value, _DEVICES.value)
+  f = flags.FLAGS
+  cfg = run_config(f.config)  # bad input: one line, exit 2 (ctxjax/cli.py)
+  topology, devices = choose_target(cfg, f.topology, f.devices)
   import jax  # before any JAX backend starts: this tool only compiles, on the host's CPU
   jax.config.update("jax_platforms", "cpu")
   if devices:
     jax.config.update("jax_num_cpu_devices", parse_devices(devices))
   try:
     reports = run(cfg, name=config_flags.get_config_filename(flags.FLAGS["config"]),
-                  topology=topology, devices=devices, stage=_STAGE.value, mfu=_MFU.value,
-                  emit=lambda r: print(format_report(r), flush=True), hlo_dir=_HLO_DIR.value)
+                  topology=topology, devices=devices, stage=f.stage, mfu=f.mfu,
+                  emit=lambda r: print(format_report(r), flush=True), hlo_dir=f.hlo_dir)
   except RuntimeError as err:  # libtpu missing or refusing the topology (ctxjax/train/topology.py)
     raise cli.UserError(str(err)) from err
-  if _JSON.value:
-    merge_json(_JSON.value, reports)
+  if f.json:
+    merge_json(f.json, reports)
   code, messages = verdict(reports)
   for message in messages:
     print(message, file=sys.stderr)
@@ -354,4 +360,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from ctxjax import cli
+  define_flags()
   cli.run("ctxjax.aot", lambda argv: sys.exit(main(argv)))

@@ -250,12 +250,21 @@ def _unknown_override(config, argv) -> str | None:
   return None
 
 
+def _recipe_flag_defined() -> bool:
+  """Whether --config is an ml_collections recipe flag (ctxjax.study's --config is a plain
+  string naming a study config, loaded by the command itself)."""
+  if "config" not in flags.FLAGS:
+    return False
+  from ml_collections.config_flags import config_flags  # noqa: PLC0415
+  return isinstance(flags.FLAGS["config"].parser, config_flags.ConfigFileFlagParser)
+
+
 def parse_flags(argv):
   """absl `flags_parser` of every command: a bad flag raises one line (UserError) for
   `boundary`; with a `--config` flag defined, the recipe file is checked first and a bad
   `--config.KEY=VALUE` override names its full key and the closest valid ones (ml_collections
   raises a bare AttributeError / KeyError / TypeError from inside flag parsing)."""
-  spec = _config_spec(argv) if "config" in flags.FLAGS else None
+  spec = _config_spec(argv) if _recipe_flag_defined() else None
   config = load_config_file(spec) if spec else None
   try:
     return flags.FLAGS(argv)

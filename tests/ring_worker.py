@@ -6,6 +6,7 @@ Prints one JSON line per case:
   {"case": "grad", "n", "pattern", "layout", "data", "impl", "err": {out,dq,dk,dv}, "scale"}
   {"case": "registry", ...}  attend(impl=...) inside jit under jax.set_mesh (2-D explicit mesh)
   {"case": "padded", ...}    shards that need padding to a block multiple
+  {"case": "s2", ...}        LongLoRA S2-Attn on ring / all_gather vs on the reference kernel
   {"case": "error", "name", "ok", "message"}
 and a final {"case": "done", "seconds"}. Errors (max |ring - reference|) are computed inside jit;
 one compilation per (device count, pattern), all layouts and data variants share it (the layout
@@ -284,6 +285,34 @@ def run_registry_case():
            out_spec=out_spec)
 
 
+def run_s2_case():
+  """LongLoRA S2-Attn (ctxjax/attention/s2.py) with attend(impl="ring"/"all_gather") under
+  jax.set_mesh on a (data 2, context 4) explicit mesh, natural token order (as the trainer
+  feeds it): the same as S2 on the reference kernel. Packed row 0 (a document boundary inside
+  a shard), groups of 16 = a quarter of T, so the shifted half's groups cross shards."""
+  from ctxjax.attention.s2 import s2_attention  # noqa: PLC0415
+  n, t, group = 4, 64, 16
+  mesh = jax.make_mesh((2, n), ("data", "context"),
+                       axis_types=(AxisType.Explicit, AxisType.Explicit))
+  q, k, v, do = random_inputs(seed=2, h=4, kv=2, t=t)
+  seg = np.ones((B, t), np.int32)
+  seg[0, 29:] = 2
+  pos, seg = jnp.asarray(packed_positions(seg)), jnp.asarray(seg)
+
+  def s2(impl):
+    return lambda q, k, v: s2_attention(q, k, v, positions=pos, segment_ids=seg,
+                                        group_size=group, impl=impl)
+  want = jax.jit(lambda q, k, v, do: vjp_all(s2("reference"), q, k, v, do))(q, k, v, do)
+  want = [np.asarray(w) for w in want]
+  with jax.set_mesh(mesh):
+    for impl in cp.STRATEGIES:
+      got = jax.jit(lambda q, k, v, do, impl=impl: vjp_all(s2(impl), q, k, v, do))(q, k, v, do)
+      err = {name: float(np.abs(np.asarray(g) - w).max()) for name, g, w in
+             zip(("out", "dq", "dk", "dv"), got, want)}
+      emit(case="s2", impl=impl, n=n, err=err,
+           scale={name: float(np.abs(w).max()) for name, w in zip(("dq", "dk"), want[1:3])})
+
+
 def expect_error(name, fn, *needles):
   try:
     fn()
@@ -352,6 +381,7 @@ def run_hlo_case():
 
 
 CASES = {"errors": run_error_cases, "hlo": run_hlo_case, "registry": run_registry_case,
+         "s2": run_s2_case,
          "padded": run_padded_case, "bf16": run_bf16_case, "memory": run_memory_case,
          "grad": run_grad_cases}
 

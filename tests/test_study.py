@@ -146,3 +146,26 @@ def test_smoke_study_resumes_after_a_kill_and_writes_the_report(tmp_path):
   bad = subprocess.run([sys.executable, "-m", "ctxjax.study", f"--workdir={workdir}",
                         "--preset=quick"], env=env, cwd=ROOT, capture_output=True, text=True)
   assert bad.returncode == 2 and "another config" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_aot_check_of_a_study_compiles_each_distinct_item(tmp_path):
+  """`python -m ctxjax.study --aot` (the at-scale recipe's fit check) in its own process: the
+  study's and ctxjax.aot's flags coexist, items of one program compile once."""
+  config = tmp_path / "cfg" / "aot_study.py"
+  config.parent.mkdir()
+  config.write_text(
+      "from configs import study\n\n\n"
+      "def get_config(arg):\n"
+      "  c = study.get_config('smoke')\n"
+      "  c.growlength_lengths = []\n"
+      "  c.zero_shot = {}\n"
+      "  c.aot = dict(devices='cpu:1')\n"
+      "  return c\n")
+  env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-m", "ctxjax.study", f"--config={config}", "--aot",
+                         f"--workdir={tmp_path / 'w'}"], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # pretrain_rope and extend_longlora; on CPU devices the verdict is "shapes ... compile"
+  assert proc.stdout.count("  verdict   shapes and shardings compile") == 2, proc.stdout
+  assert "mixture_cut_short: the same program as extend_longlora" in proc.stdout

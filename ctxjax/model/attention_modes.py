@@ -4,7 +4,9 @@
                (causal, sliding_window, lambda, block_causal, attention_sinks, full, ...).
   s2           LongLoRA S2-Attn (Chen et al. 2024) while TRAINING — half the heads in groups of
                `group_size`, half in groups shifted by group_size/2 — and full causal attention
-               at inference, as the paper prescribes. Options: group_size.
+               at inference, as the paper prescribes. Options: group_size. Also on the
+               context-parallel kernels (ring, all_gather): the groups are segment ids, data
+               that travels with its tokens.
   dilated      LongNet dilated attention (Ding et al. 2023). Options: segment_lengths,
                dilation_rates (one per branch).
   lm_infinite  LM-Infinite (Han et al. 2024): Lambda mask with the distance ceiling — global
@@ -87,7 +89,8 @@ def _lm_infinite(cfg, scheme, q, k, v, positions, segment_ids, training):
 
 
 register_mode(Mode("standard", _standard, {}, kernels=()))  # every registered kernel
-register_mode(Mode("s2", _s2, {"group_size": int}))
+register_mode(Mode("s2", _s2, {"group_size": int},
+                   kernels=("reference", "blockwise", "xla", "auto", "ring", "all_gather")))
 register_mode(Mode("dilated", _dilated, {"segment_lengths": tuple, "dilation_rates": tuple},
                    kernels=("reference", "blockwise"), allows_alibi=False))
 register_mode(Mode("lm_infinite", _lm_infinite, {"n_global": int, "n_local": int},

@@ -89,10 +89,18 @@ def _record_session(workdir: str, seconds: float, parallel: int) -> None:
 
 def _aot_check(study, items, workdir: str) -> int:
   """Compiles each distinct training item (items differing only in data or optimizer values
-  compile the same program) for study.aot.topology; 1 if one does not fit."""
+  compile the same program) for study.aot.topology (or study.aot.devices, "cpu:N" fake CPU
+  devices); 1 if one does not fit."""
   import jax  # noqa: PLC0415
-  jax.config.update("jax_platforms", "cpu")
   from ctxjax import aot  # noqa: PLC0415
+  target = study.get("aot") or {}
+  topology, devices = target.get("topology"), target.get("devices")
+  if not (topology or devices):
+    raise ValueError("--aot: the study config has no aot.topology (a TPU product name such as "
+                     "v5p-128) or aot.devices ('cpu:N'); set one, as configs/study_llama2_7b.py")
+  jax.config.update("jax_platforms", "cpu")
+  if devices:
+    jax.config.update("jax_num_cpu_devices", aot.parse_devices(devices))
   from ctxjax.study import item as item_lib  # noqa: PLC0415
   seen, reports = {}, []
   for it in items:
@@ -106,7 +114,7 @@ def _aot_check(study, items, workdir: str) -> int:
       print(f"{it.model}: the same program as {seen[key]}")
       continue
     seen[key] = it.model
-    reports += aot.run(cfg, name=it.model, topology=study.aot.topology, devices=None,
+    reports += aot.run(cfg, name=it.model, topology=topology, devices=devices,
                        stage=None, mfu=0.4, emit=lambda r: print(aot.format_report(r),
                                                                 flush=True))
   code, messages = aot.verdict(reports)
