@@ -67,6 +67,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import string
 import sys
 import time
 
@@ -140,12 +141,35 @@ def build(name: str, tok):
   return (arm, *passkey_model.tiny_model(vocab, **model_overrides(arm, tok.vocab_size)))
 
 
-def training_rows(arm: Arm, cfg, tok, pool: int) -> dict:
-  """inputs/targets/mask [N, T] of the passkey rows (landmark: ids inserted every 15 tokens)."""
+def demo_rows(tok, n: int, width: int, seed: int = 3, data_dir: str | None = None):
+  """[n, width] rows `[bos] text` of the demo corpus (ctxjax/data/corpus.py) at random
+  offsets of random documents, one token per character (a character `tok` lacks as "?"),
+  and their loss masks (every target)."""
+  import numpy as np  # noqa: PLC0415
+  from ctxjax.data import corpus  # noqa: PLC0415
+  texts = [t for t, _ in corpus.read_jsonl(corpus.ensure_demo_corpus(data_dir))
+           if len(t) > 2 * width]
+  rng = np.random.default_rng(seed)
+  tokens = np.empty((n, width), np.int32)
+  for i, doc in enumerate(rng.integers(0, len(texts), n)):
+    start = int(rng.integers(0, len(texts[doc]) - 2 * width))
+    text = "".join(c if c in tok.index else "?" for c in texts[doc][start:start + 2 * width])
+    ids = tok.encode(text)  # a phrase may span characters
+    tokens[i] = [tok.bos_id, *ids[:width - 1]]
+  return tokens, np.ones((n, width - 1), np.float32)
+
+
+def training_rows(arm: Arm, cfg, tok, pool: int, demo_share: float = 0.0) -> dict:
+  """inputs/targets/mask [N, T] of `pool` passkey rows and, for demo_share > 0, as many
+  demo-corpus rows as make that share of all rows (landmark: ids inserted every 15 tokens)."""
   import numpy as np  # noqa: PLC0415
   from ctxjax.agent import passkey_model  # noqa: PLC0415
   from ctxjax.data import landmark  # noqa: PLC0415
   tokens, mask = passkey_model.training_rows(tok, pool, length=TRAIN_LENGTH * arm.length_factor)
+  n_demo = round(pool * demo_share / (1.0 - demo_share))
+  if n_demo:
+    demo, demo_mask = demo_rows(tok, n_demo, tokens.shape[1])
+    tokens, mask = np.concatenate([tokens, demo]), np.concatenate([mask, demo_mask])
   rows = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "mask": mask}
   if not arm.landmark:
     return rows
@@ -178,7 +202,7 @@ def start_from(fresh: dict, base: dict) -> dict:
 
 
 def train_arm(name: str, tok, steps: int, trained: dict, pool: int = POOL,
-              batch: int = BATCH) -> dict:
+              batch: int = BATCH, demo_share: float = 0.0) -> dict:
   """{model, variables, train_sec, final_train_loss, steps} of arm `name`; `trained` holds the
   arms trained before (an arm with a base starts from the base's parameters)."""
   from ctxjax.agent import passkey_model  # noqa: PLC0415
@@ -186,7 +210,7 @@ def train_arm(name: str, tok, steps: int, trained: dict, pool: int = POOL,
   if arm.base is not None:
     variables = {"params": start_from(variables["params"],
                                       trained[arm.base]["variables"]["params"])}
-  rows = training_rows(arm, model.cfg, tok, pool // arm.length_factor)
+  rows = training_rows(arm, model.cfg, tok, pool // arm.length_factor, demo_share)
   n = max(1, steps // arm.step_divisor)
   began = time.perf_counter()
   variables, loss = passkey_model.train_rows(
@@ -312,11 +336,13 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   floats = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
   parser.add_argument("--arms", type=lambda s: s.split(","), default=DEFAULT_ARMS)
-  parser.add_argument("--steps", type=int, default=300)
+  parser.add_argument("--steps", type=int, default=3000)
   parser.add_argument("--multiples", type=lambda s: [int(x) for x in s.split(",")],
                       default=[1, 4, 8, 16])
   parser.add_argument("--depths", type=floats, default=[0.0, 0.25, 0.5, 0.75, 1.0])
   parser.add_argument("--samples", type=int, default=10)
+  parser.add_argument("--demo_share", type=float, default=0.5,
+                      help="share of the training rows that are demo-corpus text")
   parser.add_argument("--batch_size", type=int, default=25)
   parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "memory.json"))
   args = parser.parse_args(argv)
@@ -325,15 +351,19 @@ def main(argv=None):
     if arm.base is not None and arm.base not in args.arms[:args.arms.index(name)]:
       parser.error(f"--arms: {name} starts from {arm.base}; list {arm.base} before it")
   from ctxjax.agent.passkey_model import PhraseTokenizer  # noqa: PLC0415
-  tok = PhraseTokenizer()
+  if not 0.0 <= args.demo_share < 1.0:
+    parser.error(f"--demo_share={args.demo_share}: give a share in [0, 1)")
+  tok = PhraseTokenizer(extra_chars=string.printable)
   results = {"command": " ".join(["benchmarks/memory.py"] + (argv or sys.argv[1:])),
              "train_length": TRAIN_LENGTH, "steps": args.steps, "batch": BATCH, "pool": POOL,
+             "demo_share": args.demo_share, "vocab_size": tok.vocab_size,
              "depths": args.depths, "samples_per_depth": args.samples,
              "started": measure.now(), "machine": measure.machine(), "arms": []}
   trained = {}
   began = time.perf_counter()
   for name in args.arms:
-    run = trained[name] = train_arm(name, tok, args.steps, trained)
+    run = trained[name] = train_arm(name, tok, args.steps, trained,
+                                    demo_share=args.demo_share)
     print(f"{name}: trained {run['steps']} steps in {run['train_sec']:.0f} s, final loss "
           f"{run['final_train_loss']:.4f}", flush=True)
     lengths = evaluate_arm(name, run, tok, args.multiples, args.depths, args.samples,

@@ -22,16 +22,19 @@ TRAIN_LENGTH = 40  # prompt tokens without bos: the model's window for the agent
 
 class PhraseTokenizer:
   """The fixed phrases of the passkey templates are one token each (the header, each filler
-  sentence, "The pass key is", ...), any other character its own token; ids 0/1/2 are
-  pad/bos/eos; decode(encode(t)) == t."""
+  sentence, "The pass key is", ...), the digits, space and newline one token each; ids 0/1/2
+  are pad/bos/eos; decode(encode(t)) == t. `extra_chars` adds character tokens after those
+  (benchmarks/memory.py: printable ASCII, so demo-corpus text is encoded character by
+  character beside the phrases); another character raises KeyError."""
   PHRASES = (synthetic.PASSKEY_HEADER, "The pass key is", ". Remember it. ",
              " is the pass key.", "What is the pass key? ",
              *[" " * k + u + "." for u in synthetic.GARBAGE[:-1].split(". ") for k in (0, 1)])
   PIECE = re.compile("|".join(re.escape(p) for p in sorted(PHRASES, key=len, reverse=True))
                      + r"|.|\n", re.S)
 
-  def __init__(self):
+  def __init__(self, extra_chars: str = ""):
     self.pieces = ["<pad>", "<s>", "</s>", *sorted(set(self.PHRASES)), *"0123456789 \n"]
+    self.pieces += sorted(set(extra_chars) - set(self.pieces))
     self.index = {p: i for i, p in enumerate(self.pieces)}
     self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
     self.vocab_size = len(self.pieces)
