@@ -25,7 +25,10 @@ to the current block is not implemented).
 Two implementations: `landmark_reference` builds the dense [T, T] weights exactly as defined
 above (for tests and small inputs); `landmark_blockwise` scans over query blocks, each step
 dense over the keys, with `jax.checkpoint` on the step so that forward AND backward hold one
-block's [block, T] scores at a time: memory linear in T (no custom_vjp).
+block's [block, T] scores at a time: memory linear in T (no custom_vjp). The paper's cached
+inference (Section 3.2: a key/value cache of every slot, landmarks included) decodes with
+`landmark_decode`: one query per row against that cache, the blockwise step's arithmetic
+(`_block_queries`) for a block of one query; ctxjax/model/landmark_mode.py stores the cache.
 """
 from __future__ import annotations
 
