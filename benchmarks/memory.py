@@ -51,8 +51,8 @@ Evaluation: ctxjax/eval/retrieval.py `retrieval_grid` (greedy, exact passkey mat
   state_bytes        per prompt row, float32: what the method keeps while decoding - the kv
                      cache of every layer (rope, rope_pi, alibi); the kNN memory of the memory
                      layer plus one window's kv of every layer (memorizing, fot, longmem); the
-                     kv of every slot, landmarks included (landmark: what a cached decoder
-                     keeps; landmark_generate itself has no cache and re-reads the slots)
+                     kv of every slot, landmarks included (landmark: what landmark_generate's
+                     cache holds)
   program_bytes      XLA memory_analysis (temp + argument bytes) of the compiled program that
                      reads the prompt, batch 1: the kv-cache prefill (rope family), the forward
                      over all slots (landmark), one window against the full memory (memory arms)

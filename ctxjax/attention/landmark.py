@@ -25,7 +25,10 @@ to the current block is not implemented).
 Two implementations: `landmark_reference` builds the dense [T, T] weights exactly as defined
 above (for tests and small inputs); `landmark_blockwise` scans over query blocks, each step
 dense over the keys, with `jax.checkpoint` on the step so that forward AND backward hold one
-block's [block, T] scores at a time: memory linear in T (no custom_vjp).
+block's [block, T] scores at a time: memory linear in T (no custom_vjp). The paper's cached
+inference (Section 3.2: a key/value cache of every slot, landmarks included) decodes with
+`landmark_decode`: one query per row against that cache, the blockwise step's arithmetic
+(`_block_queries`) for a block of one query; ctxjax/model/landmark_mode.py stores the cache.
 """
 from __future__ import annotations
 
@@ -137,13 +140,53 @@ def _pad_rows(x, length, value=0):
   return jnp.pad(x, pad, constant_values=value)
 
 
+def _block_queries(c, slot_Q, q_BQHD, seg_BQ, k_BSKD, v_BSKD, k_seg_BS, *, mem_freq: int,
+                   top_k, scale):
+  """The grouped softmax (top_k: the retrieval) of Q queries of block c, at in-block slots
+  slot_Q [Q], against S = n whole blocks of keys -> [B, Q, H, D] float32. Scores are
+  [B, H, Q, n, block]: each past block is one item (score: its landmark's; value: its in-block
+  softmax mix of values), the current block's ordinary tokens are items of their own. The one
+  formula of `landmark_blockwise` (a query block per step) and `landmark_decode` (one query)."""
+  b, q_len, h, _ = q_BQHD.shape
+  kv = k_BSKD.shape[2]
+  p_len = mem_freq + 1
+  n = k_BSKD.shape[1] // p_len
+  slot = jnp.arange(p_len)
+  is_mem = (slot == mem_freq)[None, None, None, None]                     # [1, 1, 1, 1, P]
+  causal_in_block = ((slot_Q[:, None] >= slot[None, :]) & (slot != mem_freq)[None, :])[None, None]
+  s = _scores(q_BQHD, k_BSKD, scale).reshape(b, h, q_len, n, p_len)     # [B, H, Q, n, P]
+  ok = seg_BQ[:, None, :, None, None] == k_seg_BS.reshape(b, 1, 1, n, p_len)  # same segment
+  past = (jnp.arange(n) < c)[None, None, None, :, None]                  # [1, 1, 1, n, 1]
+  ordinary = ok & past & ~is_mem
+  landmark_ok = (ok & past)[..., mem_freq]                               # [B, 1, Q, n]
+  landmark_s = s[..., mem_freq]
+  kept = _top_k_blocks(landmark_s, jnp.broadcast_to(landmark_ok, landmark_s.shape), top_k)
+  # Each past block as one item: score = its landmark's, value = its in-block softmax mix.
+  g = _masked_softmax(s, ordinary)                                       # [B, H, Q, n, P]
+  v_blocks = v_BSKD.reshape(b, n, p_len, kv, -1)
+  o_blk = jnp.einsum("bkgqnp,bnpkd->bkgqnd", g.reshape(b, kv, h // kv, q_len, n, p_len),
+                     v_blocks.astype(jnp.float32)).reshape(b, h, q_len, n, -1)
+  # The current block's ordinary tokens, read directly.
+  s_cur = jax.lax.dynamic_index_in_dim(s, c, axis=3, keepdims=False)    # [B, H, Q, P]
+  ok_cur = jax.lax.dynamic_index_in_dim(ok, c, axis=3, keepdims=False) & causal_in_block
+  items_s = jnp.concatenate([jnp.where(kept, landmark_s, _NEG),
+                             jnp.where(ok_cur, s_cur, _NEG)], axis=-1)
+  m = jnp.max(items_s, axis=-1, keepdims=True)
+  w = jnp.where(jnp.concatenate([kept, jnp.broadcast_to(ok_cur, s_cur.shape)], -1),
+                jnp.exp(items_s - m), 0.0)
+  den = jnp.sum(w, axis=-1, keepdims=True)
+  w = w / jnp.where(den > 0, den, 1.0)
+  w_blk, w_cur = w[..., :n], w[..., n:]
+  v_cur = jax.lax.dynamic_slice_in_dim(v_BSKD, c * p_len, p_len, axis=1)
+  return jnp.einsum("bhqn,bhqnd->bqhd", w_blk, o_blk) + _weighted_values(w_cur, v_cur)
+
+
 def landmark_blockwise(q_BTHD, k_BTKD, v_BTKD, *, segment_ids, mem_freq: int,
                        top_k: int | None = None, scale=None):
   """The same grouped softmax (top_k: the retrieval of the module doc), one query block at a
   time: each step sees [B, H, block, n_blocks, block] scores, so activation memory is linear in
   T; the step is rematerialised in the backward pass (jax.checkpoint)."""
   b, t, h, d = q_BTHD.shape
-  kv = k_BTKD.shape[2]
   scale = d ** -0.5 if scale is None else scale
   p_len = mem_freq + 1
   n = -(-t // p_len)
@@ -152,39 +195,11 @@ def landmark_blockwise(q_BTHD, k_BTKD, v_BTKD, *, segment_ids, mem_freq: int,
   k, v = _pad_rows(k_BTKD, tp), _pad_rows(v_BTKD, tp)
   q_NBPHD = jnp.moveaxis(_pad_rows(q_BTHD, tp).reshape(b, n, p_len, h, d), 1, 0)
   seg_NBP = jnp.moveaxis(seg.reshape(b, n, p_len), 1, 0)
-  k_seg = seg.reshape(b, 1, 1, n, p_len)
-  slot = jnp.arange(p_len)
-  is_mem = (slot == mem_freq)[None, None, None, None]                     # [1, 1, 1, 1, P]
-  causal_in_block = ((slot[:, None] >= slot[None, :]) & (slot != mem_freq)[None, :])[None, None]
 
   @jax.checkpoint
   def step(c, q_BPHD, seg_BP):
-    s = _scores(q_BPHD, k, scale).reshape(b, h, p_len, n, p_len)      # [B, H, Pq, n, Pk]
-    ok = seg_BP[:, None, :, None, None] == k_seg                       # same segment
-    past = (jnp.arange(n) < c)[None, None, None, :, None]              # [1, 1, 1, n, 1]
-    ordinary = ok & past & ~is_mem
-    landmark_ok = (ok & past)[..., mem_freq]                           # [B, 1, Pq, n]
-    landmark_s = s[..., mem_freq]
-    kept = _top_k_blocks(landmark_s, jnp.broadcast_to(landmark_ok, landmark_s.shape), top_k)
-    # Each past block as one item: score = its landmark's, value = its in-block softmax mix.
-    g = _masked_softmax(s, ordinary)                                   # [B, H, Pq, n, Pk]
-    v_blocks = v.reshape(b, n, p_len, kv, -1)
-    o_blk = jnp.einsum("bkgqnp,bnpkd->bkgqnd", g.reshape(b, kv, h // kv, p_len, n, p_len),
-                       v_blocks.astype(jnp.float32)).reshape(b, h, p_len, n, -1)
-    # The current block's ordinary tokens, read directly.
-    s_cur = jax.lax.dynamic_index_in_dim(s, c, axis=3, keepdims=False)  # [B, H, Pq, Pk]
-    ok_cur = jax.lax.dynamic_index_in_dim(ok, c, axis=3, keepdims=False) & causal_in_block
-    items_s = jnp.concatenate([jnp.where(kept, landmark_s, _NEG),
-                               jnp.where(ok_cur, s_cur, _NEG)], axis=-1)
-    m = jnp.max(items_s, axis=-1, keepdims=True)
-    w = jnp.where(jnp.concatenate([kept, jnp.broadcast_to(ok_cur, s_cur.shape)], -1),
-                  jnp.exp(items_s - m), 0.0)
-    den = jnp.sum(w, axis=-1, keepdims=True)
-    w = w / jnp.where(den > 0, den, 1.0)
-    w_blk, w_cur = w[..., :n], w[..., n:]
-    v_cur = jax.lax.dynamic_slice_in_dim(v, c * p_len, p_len, axis=1)
-    out = jnp.einsum("bhqn,bhqnd->bqhd", w_blk, o_blk) + _weighted_values(w_cur, v_cur)
-    return out
+    return _block_queries(c, jnp.arange(p_len), q_BPHD, seg_BP, k, v, seg, mem_freq=mem_freq,
+                          top_k=top_k, scale=scale)
 
   def body(carry, xs):
     c, q_c, seg_c = xs
@@ -193,6 +208,31 @@ def landmark_blockwise(q_BTHD, k_BTKD, v_BTKD, *, segment_ids, mem_freq: int,
   _, out_NBPHD = jax.lax.scan(body, None, (jnp.arange(n), q_NBPHD, seg_NBP))
   out = jnp.moveaxis(out_NBPHD, 0, 1).reshape(b, tp, h, d)[:, :t]
   return out.astype(q_BTHD.dtype)
+
+
+def landmark_decode(q_B1HD, k_BSKD, v_BSKD, *, slot, segment_ids, k_segment_ids,
+                    mem_freq: int, top_k: int | None = None, scale=None):
+  """One query per row against a key/value cache of S slots laid out as a row (whole blocks,
+  landmarks in their slots): the query of slot `slot` [B] (int, per row) with segment id
+  `segment_ids` [B, 1]; `k_segment_ids` [B, S] (0 for an empty slot: it matches no query). Its
+  own key and value must already be in the cache; slots after it are never read (causal). The
+  output equals that query's row of `landmark_blockwise` over the same slots (Mohtashami &
+  Jaggi 2023, Section 3.2: the top_k past blocks by landmark score, then the grouped softmax):
+  the same `_block_queries`, with one query. Returns [B, 1, H, D] in q's dtype."""
+  d = q_B1HD.shape[-1]
+  scale = d ** -0.5 if scale is None else scale
+  p_len = mem_freq + 1
+  if k_BSKD.shape[1] % p_len:
+    raise ValueError(f"a landmark cache holds whole blocks of mem_freq + 1 = {p_len} slots, got "
+                     f"{k_BSKD.shape[1]} slots")
+
+  def row(q_1HD, k_SKD, v_SKD, slot_, seg_1, k_seg_S):  # a row's own block index: vmap
+    return _block_queries(slot_ // p_len, (slot_ % p_len)[None], q_1HD[None], seg_1[None],
+                          k_SKD[None], v_SKD[None], k_seg_S[None], mem_freq=mem_freq,
+                          top_k=top_k, scale=scale)[0]
+
+  out = jax.vmap(row)(q_B1HD, k_BSKD, v_BSKD, slot, segment_ids, k_segment_ids)
+  return out.astype(q_B1HD.dtype)
 
 
 IMPLEMENTATIONS: Registry = Registry("model.attention_impl")

@@ -12,6 +12,10 @@ What a cache stores depends on the mode:
   lm_infinite   unrotated keys: LM-Infinite (Han et al. 2024) sees a global key at position 0
                 and a local key at its own position, so each step rotates the (bounded) cache
                 for both branches.
+  landmark      rotated keys of every slot, landmarks included, at their slot index (Mohtashami &
+                Jaggi 2023, Section 3.2; landmark_mode.decode_step): decoded by
+                ctxjax.model.landmark_generate, which feeds the landmark slots, never by
+                ctxjax.eval.generate.
 A prefill runs the mode's own kernel over the prompt (any `attention_impl`); a decode step
 attends one query per row to the heads-major cache with `one_query_attention`: the reference
 kernel's arithmetic (float32 scores, the same visibility rule and ALiBi bias) laid out so each
@@ -26,7 +30,7 @@ import jax.numpy as jnp
 
 from ctxjax.attention import reference
 from ctxjax.attention.lm_infinite import lm_infinite_attention
-from ctxjax.model import attention_modes, kv_cache
+from ctxjax.model import attention_modes, kv_cache, landmark_mode
 from ctxjax.registry import Registry
 
 _DECODE_IMPL = "reference"
@@ -110,14 +114,22 @@ def _lm_infinite_step(cfg, scheme, q, k_new, v_new, k_cache, v_cache, positions,
 CACHED_MODES.add("standard", (True, _standard_step))
 CACHED_MODES.add("s2", (True, _standard_step))
 CACHED_MODES.add("lm_infinite", (False, _lm_infinite_step))
+CACHED_MODES.add("landmark", (True, landmark_mode.decode_step))
+
+# Modes with a cache whose decoder is not ctxjax.eval.generate: it would feed content tokens only.
+OWN_DECODER = {"landmark": "ctxjax.model.landmark_generate (it inserts the landmark slots)"}
 
 
 def check_cacheable(cfg) -> None:
-  """One line naming the mode when this model cannot decode with a cache."""
+  """One line naming the mode when this model cannot decode with ctxjax.eval.generate."""
+  if cfg.attention_mode in OWN_DECODER:
+    raise ValueError(f"model.attention_mode={cfg.attention_mode!r} decodes with "
+                     f"{OWN_DECODER[cfg.attention_mode]}, not ctxjax.eval.generate")
   if cfg.attention_mode not in CACHED_MODES:
     raise ValueError(f"model.attention_mode={cfg.attention_mode!r} has no key/value-cache "
                      f"decoding (LongNet's dilated segments are a training/prefill kernel); "
-                     f"generation supports attention_mode in {CACHED_MODES.names()}")
+                     f"generation supports attention_mode in "
+                     f"{[m for m in CACHED_MODES.names() if m not in OWN_DECODER]}")
 
 
 def cached_attention(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
