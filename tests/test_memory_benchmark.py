@@ -2,14 +2,18 @@
 rows are the plain rows with landmark ids inserted, and longmem trains on a rope base for two
 steps with the backbone frozen and evaluates end to end. The real run is the benchmark itself."""
 import importlib.util
+import json
 import os
+import string
 import sys
+from unittest import mock
 
 import jax
 import numpy as np
 import pytest
 
 from ctxjax.agent.passkey_model import MODEL, PhraseTokenizer
+from ctxjax.data import corpus
 from ctxjax.model import model_config_from_dict
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
@@ -104,3 +108,27 @@ def test_an_arm_evaluates_end_to_end(chain):
   # the memory holds the whole prompt (+ bos and answer): 80 entries, 2 x 4 heads x 16 x 4 B
   # each, plus one 16-token window of both layers
   assert row["state_bytes"] == 512 * (80 + 2 * 16)
+
+
+def test_demo_rows_mix_into_the_passkey_rows(tmp_path):
+  """--demo_share: demo-corpus text as character tokens beside the passkey phrases, the passkey
+  rows' ids unchanged by the extra characters."""
+  tok = PhraseTokenizer(extra_chars=string.printable)
+  assert tok.pieces[:TOK.vocab_size] == TOK.pieces  # the passkey ids stay the same
+  data = tmp_path / "data"
+  (data / corpus.CORPUS_NAME).mkdir(parents=True)
+  text = "def f(x):\n\treturn x * 2  # \u00e9t\u00e9\n" * 20
+  with open(data / corpus.CORPUS_NAME / corpus.JSONL_NAME, "w") as f:
+    f.write(json.dumps({"text": text, "meta": {"redpajama_set_name": "code"}}) + "\n")
+  tokens, mask = memory.demo_rows(tok, 4, 30, data_dir=str(data))
+  assert tokens.shape == (4, 30) and mask.shape == (4, 29) and mask.all()
+  assert (tokens[:, 0] == tok.bos_id).all()
+  decoded = tok.decode(tokens[0, 1:].tolist())
+  assert len(decoded) == 29 and decoded in text.replace("\u00e9", "?")
+  arm = memory.ARMS.get("rope")
+  cfg = _cfg("rope")
+  with mock.patch.object(memory, "demo_rows", lambda t, n, w: (np.full((n, w), 7, np.int32),
+                                                               np.ones((n, w - 1), np.float32))):
+    rows = memory.training_rows(arm, cfg, tok, 6, demo_share=0.25)
+  assert rows["inputs"].shape[0] == 8  # 6 passkey rows + 2 demo rows = a quarter demo
+  assert (rows["inputs"][6:] == 7).all() and (rows["inputs"][:6, 0] == tok.bos_id).all()
