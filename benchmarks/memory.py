@@ -1,20 +1,19 @@
 """Memory and retrieval attention vs RoPE, RoPE + PI and ALiBi: passkey accuracy past the
 training length (ctxjax issue #15's benchmark).
 
-  nice -n 19 python benchmarks/memory.py [--arms=rope,rope_pi,...] [--steps=300]
-      [--samples=10] [--depths=0,0.25,0.5,0.75,1] [--multiples=1,4,8,16]
+  nice -n 19 python benchmarks/memory.py [--arms=rope,rope_pi,...] [--steps=3000]
+      [--demo_share=0.5] [--samples=10] [--depths=0,0.25,0.5,0.75,1] [--multiples=1,4,8,16]
       [--out=benchmarks/results/memory.json]
 
-Recipe (the one that retrieves: ctxjax/agent/passkey_model.py). Passkey prompts (Mohtashami &
-Jaggi 2023, ctxjax/data/synthetic.py) under a phrase-level tokenizer of the passkey templates
-(each filler sentence, the header, "The pass key is", ... one token; digits one token each;
-30 ids), so a 64-token prompt holds ~44 filler sentences and the needle (16 tokens). Every arm
-is the same 2-layer width-64 model (4 heads of 16), trained with the same seeds on the same
-pool of rows `[bos] prompt(64 tokens) answer eos` at uniform depths, AdamW 3e-3 warmup-cosine,
-batch 32, --steps steps, next-token loss on every real token. The passkey samples are NOT
-mixed into the demo corpus as the issue asks: the demo corpus' text has no pieces in the phrase
-tokenizer, and with the demo tokenizer configs/tiny_passkey.py's model does not retrieve even
-at its training length (0.00 at 256 after 19 min). The model trains on passkey prompts alone.
+Recipe (from ctxjax/agent/passkey_model.py). Passkey prompts (Mohtashami & Jaggi 2023,
+ctxjax/data/synthetic.py) under a phrase-level tokenizer of the passkey templates (each filler
+sentence, the header, "The pass key is", ... one token; digits one token each) with printable
+ASCII added as character tokens (118 ids), so a 64-token prompt holds ~44 filler sentences and
+the needle (16 tokens). Every arm is the same 2-layer width-64 model (4 heads of 16), trained
+with the same seeds on the same rows: 4096 rows `[bos] prompt(64 tokens) answer eos` at uniform
+depths, mixed with demo-corpus text rows (`demo_rows`: random windows of
+ctxjax/data/corpus.py's corpus, one token per character) making --demo_share of all rows;
+AdamW 3e-3 warmup-cosine, batch 32, --steps steps, next-token loss on every real token.
 
 Arms (ARMS, a Registry; one more method is one more ARMS.add):
 
@@ -34,13 +33,12 @@ Arms (ARMS, a Registry; one more method is one more ARMS.add):
               16), a fresh 2-layer side network trained alone, its last layer reading the
               backbone's last-layer keys/values of earlier windows (16 neighbours).
 
-landmark, memorizing and fot train from scratch like rope. With windows or blocks of 16 tokens
-they do not learn the cross-window copy in 300 steps: 0.00 even at 1x
-(benchmarks/results/memory.json). The papers fine-tune a pretrained model instead (LLaMA 7B
-for landmarks, OpenLLaMA for LongLLaMA/FoT; Wu et al. 2022 also add memory to a pretrained
-model by fine-tuning), so `landmark_ft`, `memorizing_ft` and `fot_ft` start from the rope arm's
-parameters and train all of them for --steps steps. Their new parameters start fresh: the
-landmark id's rows, the memory gates. Run them with --arms=rope,landmark_ft,memorizing_ft,fot_ft.
+landmark, memorizing and fot train from scratch like rope. The papers fine-tune a pretrained
+model instead (LLaMA 7B for landmarks, OpenLLaMA for LongLLaMA/FoT; Wu et al. 2022 also add
+memory to a pretrained model by fine-tuning), so `landmark_ft`, `memorizing_ft` and `fot_ft`
+start from the rope arm's parameters and train all of them for another --steps steps. Their new
+parameters start fresh: the landmark id's rows, the memory gates. They are not in the default
+run: --arms=rope,landmark_ft,memorizing_ft,fot_ft (docs/memory.md has the measured run of all).
 
 The memory arms read a prompt window by window (ctxjax.model.memory_inference) with a memory
 enlarged at evaluation to hold the whole prompt (memory_size is not a parameter).
