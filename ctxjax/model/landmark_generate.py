@@ -138,16 +138,23 @@ def _check_prompt(model, prompt_tokens, max_new_tokens: int) -> np.ndarray:
   return prompt
 
 
+def _buffer(model, prompt_tokens, max_new_tokens: int):
+  """(prompt [B, L], tokens [B, L + new] with zeros for the answer, their slots [B, M] with the
+  landmarks inserted, the content slots' indices [L + new])."""
+  mem_freq, landmark_id = _options(model)
+  prompt = _check_prompt(model, prompt_tokens, max_new_tokens)
+  tokens = np.concatenate([prompt, np.zeros((prompt.shape[0], max_new_tokens), np.int32)], 1)
+  slots = with_landmarks(tokens, mem_freq, landmark_id)
+  return prompt, tokens, slots, np.flatnonzero(~landmark_slots(slots.shape[1], mem_freq))
+
+
 def landmark_generate(model, variables, prompt_tokens, max_new_tokens: int) -> np.ndarray:
   """Greedy continuation of prompts [B, L] of content ids (every row the same length L, which
   may exceed the training length): returns [B, L + max_new_tokens] content ids. One prefill,
   then one cached decode step per slot (module doc)."""
   mem_freq, landmark_id = _options(model)
-  prompt = _check_prompt(model, prompt_tokens, max_new_tokens)
-  n = prompt.shape[1] + max_new_tokens
-  tokens = np.concatenate([prompt, np.zeros((prompt.shape[0], max_new_tokens), np.int32)], 1)
-  slots = with_landmarks(tokens, mem_freq, landmark_id)
-  content = np.flatnonzero(~landmark_slots(slots.shape[1], mem_freq))
+  prompt, tokens, slots, content = _buffer(model, prompt_tokens, max_new_tokens)
+  n = tokens.shape[1]
   n_prompt = with_landmarks(prompt[:1], mem_freq, landmark_id).shape[1]
   flat, flat_variables = _unrolled(model, variables)
   slots = _greedy(flat, flat_variables, jnp.asarray(slots), n_prompt, int(content[n - 1]))
@@ -158,13 +165,9 @@ def landmark_generate_uncached(model, variables, prompt_tokens,
                                max_new_tokens: int) -> np.ndarray:
   """`landmark_generate` without a cache, the reference: each new token re-runs the model over
   the whole buffer of prompt + answer slots (the zeros after the current slot are unseen)."""
-  mem_freq, landmark_id = _options(model)
-  prompt = _check_prompt(model, prompt_tokens, max_new_tokens)
-  n = prompt.shape[1] + max_new_tokens
-  tokens = np.concatenate([prompt, np.zeros((prompt.shape[0], max_new_tokens), np.int32)], 1)
-  slots = with_landmarks(tokens, mem_freq, landmark_id)
-  content = np.flatnonzero(~landmark_slots(slots.shape[1], mem_freq))
-  for t in range(prompt.shape[1], n):  # causal: the zeros after slot content[t-1] are unseen
+  _, landmark_id = _options(model)
+  prompt, tokens, slots, content = _buffer(model, prompt_tokens, max_new_tokens)
+  for t in range(prompt.shape[1], tokens.shape[1]):  # causal: the zeros after slot content[t-1] are unseen
     logits = _logits(model, variables, jnp.asarray(slots))[:, content[t - 1]]
     tokens[:, t] = np.asarray(_pick(logits, landmark_id))
     slots[:, content[t]] = tokens[:, t]
