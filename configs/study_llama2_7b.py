@@ -7,7 +7,8 @@
 #              (compiles every training item for config.aot.topology on this CPU host: fits?)
 #            python -m ctxjax.study --config=configs/study_llama2_7b.py --workdir=DIR
 #              (on a host that can train them; see docs/study.md "At scale")
-# HARDWARE:  training: a TPU v5p-128 slice per item (ring attention over 4 chips per row);
+# HARDWARE:  training: a TPU v5p-128 slice per item (the sequence over 4 chips: ring attention,
+#            LongLoRA all_gather);
 #            the AOT check: any CPU host with libtpu (`pip install -e ".[tpu-aot]"`).
 # EXPECTED:  the AOT check prints per-chip HBM of each distinct training item; measured
 #            results are in docs/study.md "At scale" (no slice was used: nothing trained).
