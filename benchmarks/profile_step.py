@@ -3,16 +3,23 @@ LlamaForCausalLM (PyTorch), on the shapes of benchmarks/throughput.py (2048 toke
 
   python benchmarks/profile_step.py [--seq_lens=256,1024] [--rounds=9]
 
-PyTorch: torch.profiler's self CPU time per aten op of the loss + gradients over `rounds`
-steps, grouped into matmuls, attention (scaled_dot_product fwd + bwd), embedding, loss, and
-norms + elementwise (the rest); the AdamW update by removal (step - loss + gradients). ctxjax: XLA:CPU runs a step as one program whose matmul thunks execute asynchronously,
-so a trace does not attribute time per op reliably; the components are measured by removal
-instead, each variant compiled on its own and timed in interleaved rounds (median):
+Both sides are measured the same way, by removal, each side's variants timed in interleaved
+rounds of their own (median; `_timed` says why the libraries are not interleaved), because
+XLA:CPU runs a step as one program whose matmul thunks execute asynchronously, so a trace does
+not attribute time per op:
   optimizer update    = step - value_and_grad (the same loss and gradients, no update)
-  attention kernel    = value_and_grad - value_and_grad with the kernel replaced by a cheap
-                        stand-in that keeps q, k and v live (so RoPE and the projections stay)
-  backward            = value_and_grad - forward (loss only)
-and the matmul share is each side's matmul FLOPs / the machine's measured fp32 matmul rate.
+  step without attention = the whole step with the attention kernel replaced by a cheap
+                        stand-in that keeps q, k and v live (so RoPE and the projections stay;
+                        on the PyTorch side it replaces scaled_dot_product_attention): what
+                        either side would take if attention were free, so HF's step / ctxjax's
+                        step without attention bounds ctxjax / HF from above whatever the
+                        attention kernel does
+  attention kernel    = step - step without attention
+  backward (ctxjax)   = value_and_grad - forward (loss only)
+PyTorch's loss + gradient time is also split by torch.profiler's self CPU time per aten op
+(matmuls, attention, embedding, loss, norms + elementwise). The projection and lm_head GEMMs
+are timed alone in each library (`gemm_rates`: forward X@W, dX = dY@W^T, dW = X^T@dY for every
+weight, fp32): the step's matmul floor on this CPU for each side.
 Writes benchmarks/results/profile_step.json.
 """
 from __future__ import annotations
@@ -53,6 +60,13 @@ def _stand_in(q, k, v, **_):
 
 
 def _timed(fns: dict, rounds: int) -> dict:
+  """Median seconds per call of each function (all of ONE library), in interleaved rounds.
+
+  The two libraries are never interleaved: PyTorch's OpenMP workers, and XLA's, spin for a
+  while after each parallel region, so a call made right after the other library's runs on a
+  CPU still busy with them (measured: an XLA GEMM at about half its rate right after a PyTorch
+  one). Each library's functions are timed in a block of their own, after two untimed calls each.
+  """
   for f in fns.values():
     f()
     f()
@@ -65,9 +79,8 @@ def _timed(fns: dict, rounds: int) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def ctxjax_components(seq_len: int, rounds: int) -> dict:
-  """Seconds per step of the step, value_and_grad, forward, and value_and_grad with the
-  attention kernel replaced (module docstring)."""
+def ctxjax_variants(seq_len: int) -> dict:
+  """name -> a function running one step / value_and_grad / forward of ctxjax (module doc)."""
   batch = throughput.TOKENS_PER_STEP // seq_len
   fns = {}
   for impl in ("auto", STAND_IN):
@@ -85,24 +98,29 @@ def ctxjax_components(seq_len: int, rounds: int) -> dict:
                            data["segment_ids"])
       return cross_entropy(logits, data["targets"], data["loss_mask"])[0]
 
-    options = step_compiler_options()
-    grad = jax.jit(jax.value_and_grad(loss_fn), compiler_options=options)
-    params = jax.tree.map(jnp.copy, state.params)  # the step donates its state
-    fns[f"grad:{impl}"] = lambda g=grad, p=params: jax.block_until_ready(g(p))
     if impl == "auto":
+      options = step_compiler_options()
+      grad = jax.jit(jax.value_and_grad(loss_fn), compiler_options=options)
+      params = jax.tree.map(jnp.copy, state.params)  # the step donates its state
+      fns["grad"] = lambda g=grad, p=params: jax.block_until_ready(g(p))
       fwd = jax.jit(loss_fn, compiler_options=options)
       fns["forward"] = lambda f=fwd, p=params: jax.block_until_ready(f(p))
-      step = make_train_step(model, tx, config.data)
-      box = [state]
+    step = make_train_step(model, tx, config.data)
+    box = [state]
 
-      def run(step=step, box=box, data=data):
-        box[0], metrics = step(box[0], data)
-        jax.block_until_ready(metrics)
-      fns["step"] = run
-  t = _timed(fns, rounds)
-  return {"step": t["step"], "optimizer": t["step"] - t["grad:auto"],
-          "attention_kernel": t["grad:auto"] - t[f"grad:{STAND_IN}"],
-          "forward": t["forward"], "backward": t["grad:auto"] - t["forward"]}
+    def run(step=step, box=box, data=data):
+      box[0], metrics = step(box[0], data)
+      jax.block_until_ready(metrics)
+    fns[f"step:{impl}"] = run
+  return fns
+
+
+def ctxjax_components(t: dict) -> dict:
+  """Seconds per component from the timed variants of `ctxjax_variants`."""
+  return {"step": t["step:auto"], "optimizer": t["step:auto"] - t["grad"],
+          "attention_kernel": t["step:auto"] - t[f"step:{STAND_IN}"],
+          "step_without_attention": t[f"step:{STAND_IN}"],
+          "forward": t["forward"], "backward": t["grad"] - t["forward"]}
 
 
 TORCH_GROUPS = (  # (group, substrings of aten op names), first match wins
@@ -113,10 +131,17 @@ TORCH_GROUPS = (  # (group, substrings of aten op names), first match wins
 )
 
 
-def torch_components(seq_len: int, rounds: int) -> dict | None:
+def _torch_stand_in(q, k, v, *args, **kwargs):
+  """The PyTorch twin of the ctxjax stand-in: v plus a negligible multiple of q and k."""
+  return v + 1e-30 * (q + k)
+
+
+def torch_variants(seq_len: int) -> tuple[dict, object] | None:
+  """name -> a function running one step / loss + gradients of HF's model, and the step with
+  the stand-in in place of torch's scaled_dot_product_attention; and the loss + gradient
+  function for the profiler."""
   try:
     import torch
-    from torch.profiler import ProfilerActivity, profile
   except ImportError:
     return None
   torch.set_num_threads(os.cpu_count() or 1)
@@ -124,6 +149,7 @@ def torch_components(seq_len: int, rounds: int) -> dict | None:
   model = throughput.hf_llama(seq_len)
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
   tokens = torch.randint(0, m.vocab_size, (throughput.TOKENS_PER_STEP // seq_len, seq_len))
+  sdpa = torch.nn.functional.scaled_dot_product_attention
 
   def grad():
     model(input_ids=tokens, labels=tokens).loss.backward()
@@ -133,11 +159,29 @@ def torch_components(seq_len: int, rounds: int) -> dict | None:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  t = _timed({"step": one, "grad": lambda: (grad(), opt.zero_grad(set_to_none=True))}, rounds)
+  def without_attention(fn):
+    def run():
+      torch.nn.functional.scaled_dot_product_attention = _torch_stand_in
+      try:
+        fn()
+      finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+    return run
+
+  def grad_only():
+    grad()
+    opt.zero_grad(set_to_none=True)
+  return {"torch:step": one, "torch:grad": grad_only,
+          "torch:step_without_attention": without_attention(one)}, grad_only
+
+
+def torch_components(t: dict, grad_only, rounds: int) -> dict:
+  """Seconds per component from the timed variants of `torch_variants`, with the loss +
+  gradient time also split by torch.profiler's self time per aten op group (`profiled_*`)."""
+  from torch.profiler import ProfilerActivity, profile
   with profile(activities=[ProfilerActivity.CPU]) as prof:
     for _ in range(rounds):
-      grad()
-      opt.zero_grad(set_to_none=True)
+      grad_only()
   groups = collections.Counter()
   for event in prof.key_averages():
     if not event.key.startswith("aten::"):
@@ -148,8 +192,47 @@ def torch_components(seq_len: int, rounds: int) -> dict | None:
   profiled = sum(groups.values())
   # the profiler's overhead inflates its total: each group's share of the profiled loss +
   # gradient time, scaled to that time measured without the profiler
-  return {"step": t["step"], "optimizer": t["step"] - t["grad"],
-          **{g: t["grad"] * v / profiled for g, v in groups.items()}}
+  return {"step": t["torch:step"], "optimizer": t["torch:step"] - t["torch:grad"],
+          "attention_kernel": t["torch:step"] - t["torch:step_without_attention"],
+          "step_without_attention": t["torch:step_without_attention"],
+          **{f"profiled_{g}": t["torch:grad"] * v / profiled for g, v in groups.items()}}
+
+
+def gemm_rates(repeats: int = 15) -> dict:
+  """fp32 rate of every projection / lm_head GEMM of a step (forward, dX, dW), alone, in XLA
+  (with the steps' compiler options) and in PyTorch; and each side's sum over the step."""
+  cfg = model_config_from_dict(tiny.get_config().model)
+  n, d, f = throughput.TOKENS_PER_STEP, cfg.hidden_size, cfg.intermediate_size
+  h, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  weights = [("q,k,v", d, (h + 2 * kv) * hd), ("o", h * hd, d), ("gate,up", d, 2 * f),
+             ("down", f, d)]
+  weights = [(name, i, o, cfg.num_hidden_layers) for name, i, o in weights]
+  weights.append(("lm_head", d, cfg.vocab_size, 1))
+  try:
+    import torch
+  except ImportError:
+    torch = None
+  rng = np.random.default_rng(0)
+  forms = {"forward": lambda x, w, dy: x @ w, "dX": lambda x, w, dy: dy @ w.T,
+           "dW": lambda x, w, dy: x.T @ dy}
+  rows, total = [], collections.Counter()
+  options = step_compiler_options()
+  for name, d_in, d_out, count in weights:
+    x, w, dy = (rng.standard_normal(s, np.float32) for s in ((n, d_in), (d_in, d_out), (n, d_out)))
+    flops = 2 * n * d_in * d_out
+    for form, fn in forms.items():
+      jitted = jax.jit(fn, compiler_options=options)
+      args = tuple(map(jnp.asarray, (x, w, dy)))
+      t = _timed({"xla": lambda f=jitted, a=args: jax.block_until_ready(f(*a))}, repeats)
+      if torch is not None:
+        targs = tuple(map(torch.from_numpy, (x, w, dy)))
+        t.update(_timed({"torch": lambda f=fn, a=targs: f(*a)}, repeats))
+      row = {"weight": name, "shape": [d_in, d_out], "form": form, "count": count,
+             **{f"{side}_gflops": flops / s / 1e9 for side, s in t.items()}}
+      rows.append(row)
+      for side, s in t.items():
+        total[side] += count * s
+  return {"rows": rows, "step_total_s": dict(total)}
 
 
 def main():
@@ -165,15 +248,23 @@ def main():
   cfg = model_config_from_dict(tiny.get_config().model)
   non_embed = param_count(cfg)["total"] - cfg.vocab_size * cfg.hidden_size
   matmul_s = 6 * non_embed * throughput.TOKENS_PER_STEP / peak  # projections + lm_head
+  gemms = gemm_rates()
+  result["gemms"] = gemms
+  print(f"projection + lm_head GEMMs of one step, each timed alone: " + ", ".join(
+      f"{side} {s * 1e3:.0f} ms" for side, s in gemms["step_total_s"].items()) +
+      f" (at the 2048^3 matmul rate {peak / 1e9:.1f} GFLOP/s: {matmul_s * 1e3:.0f} ms)")
   for seq_len in [int(s) for s in args.seq_lens.split(",")]:
+    t = _timed(ctxjax_variants(seq_len), args.rounds)
+    torch_side = torch_variants(seq_len)
+    if torch_side is not None:
+      t.update(_timed(torch_side[0], args.rounds))
     row = {"seq_len": seq_len, "projection_matmuls_at_peak_s": matmul_s,
-           "ctxjax": ctxjax_components(seq_len, args.rounds),
-           "torch": torch_components(seq_len, args.rounds)}
+           "ctxjax": ctxjax_components(t),
+           "torch": torch_components(t, torch_side[1], args.rounds) if torch_side else None}
     result["rows"].append(row)
     result["machine_after"] = measure.machine()
     measure.write_json(args.out, result)
-    print(f"T={seq_len}: projection + lm_head matmuls at the measured matmul rate "
-          f"{peak / 1e9:.1f} GFLOP/s would take {matmul_s * 1e3:.0f} ms")
+    print(f"T={seq_len}:")
     for side in ("ctxjax", "torch"):
       parts = row[side]
       if not parts:
@@ -181,6 +272,11 @@ def main():
       print(f"  {side:7s} step {parts['step'] * 1e3:7.1f} ms | " + ", ".join(
           f"{k} {v * 1e3:.0f} ms ({v / parts['step']:.0%})" for k, v in parts.items()
           if k != "step"))
+    if row["torch"]:
+      hf_step = row["torch"]["step"]
+      print(f"  ctxjax / HF: {hf_step / row['ctxjax']['step']:.2f}; with attention free on "
+            f"ctxjax's side (HF's full step / ctxjax's step without attention): "
+            f"{hf_step / row['ctxjax']['step_without_attention']:.2f}")
   print(f"wrote {args.out}")
 
 

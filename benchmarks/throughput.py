@@ -3,9 +3,14 @@ Hugging Face's LlamaForCausalLM (PyTorch) trained on the same shapes, all in the
 
   python benchmarks/throughput.py                      # T=256 and T=1024, reference + blockwise
   python benchmarks/throughput.py --seq_lens=256 --impls=reference --no_hf
+  python benchmarks/throughput.py --impls=auto --repeats=3   # 3 fresh processes, median ratio
 
 Writes benchmarks/results/throughput.json and prints a table. Medians over timed steps after
-warm-up; the machine is shared and noisy, so compare ratios within one run.
+warm-up; the machine is shared and noisy, so compare ratios within one run. Within a run HF's
+steps are timed first and ctxjax's after (never interleaved: each library's worker threads spin
+after their work and slow the other's next call, benchmarks/profile_step.py). --repeats=N runs
+the whole comparison in N fresh processes one after the other and reports each row's median
+tokens/s and the median of the per-run ratios.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -126,9 +133,13 @@ def main():
   parser.add_argument("--impls", default="reference,blockwise")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--no_hf", action="store_true")
+  parser.add_argument("--repeats", type=int, default=1,
+                      help="run the comparison in this many fresh processes; report medians")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "throughput.json"))
   args = parser.parse_args()
+  if args.repeats > 1:
+    return _repeat(args)
 
   from ctxjax import attention
   impls = [i for i in args.impls.split(",") if i in attention.IMPLEMENTATIONS]
@@ -161,6 +172,40 @@ def main():
     ratio = f"{r['vs_hf']:6.2f}" if r["vs_hf"] else f"{'-':>6}"
     print(f"{r['seq_len']:>6} {r['impl']:>10} {r['tokens_per_sec']:9.0f} "
           f"{r['model_flops_per_sec'] / 1e9:8.1f} {r['fraction_of_matmul_peak']:8.1%} {hf} {ratio}")
+
+
+def _repeat(args):
+  """The comparison in `args.repeats` fresh processes, one after the other; medians."""
+  runs = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for i in range(args.repeats):
+      out = os.path.join(tmp, f"run{i}.json")
+      cmd = [sys.executable, os.path.abspath(__file__), f"--seq_lens={args.seq_lens}",
+             f"--impls={args.impls}", f"--steps={args.steps}", f"--out={out}"]
+      subprocess.run(cmd + (["--no_hf"] if args.no_hf else []), check=True)
+      with open(out, encoding="utf-8") as f:
+        runs.append(json.load(f))
+  rows = []
+  for j, first in enumerate(runs[0]["rows"]):
+    per_run = [run["rows"][j] for run in runs]
+    median = lambda key: (float(np.median([r[key] for r in per_run]))
+                          if per_run[0][key] is not None else None)
+    rows.append({**first, "tokens_per_sec": median("tokens_per_sec"),
+                 "hf_torch_tokens_per_sec": median("hf_torch_tokens_per_sec"),
+                 "vs_hf": median("vs_hf"), "per_run": per_run})
+  result = {**runs[0], "repeats": args.repeats, "rows": rows,
+            "matmul_peak_flops_per_run": [run["matmul_peak_flops"] for run in runs]}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+  print(f"\nmedians over {args.repeats} processes:")
+  print(f"{'T':>6} {'impl':>10} {'tok/s':>9} {'HF tok/s':>9} {'vs HF':>6}  per run")
+  for r in rows:
+    hf = f"{r['hf_torch_tokens_per_sec']:9.0f}" if r["hf_torch_tokens_per_sec"] else f"{'-':>9}"
+    ratio = f"{r['vs_hf']:6.2f}" if r["vs_hf"] else f"{'-':>6}"
+    each = " ".join(f"{x['vs_hf']:.2f}" if x["vs_hf"] else f"{x['tokens_per_sec']:.0f}"
+                    for x in r["per_run"])
+    print(f"{r['seq_len']:>6} {r['impl']:>10} {r['tokens_per_sec']:9.0f} {hf} {ratio}  {each}")
 
 
 if __name__ == "__main__":
