@@ -10,7 +10,9 @@ warm-up; the machine is shared and noisy, so compare ratios within one run. With
 steps are timed first and ctxjax's after (never interleaved: each library's worker threads spin
 after their work and slow the other's next call, benchmarks/profile_step.py). --repeats=N runs
 the whole comparison in N fresh processes one after the other and reports each row's median
-tokens/s and the median of the per-run ratios.
+tokens/s and the median of the per-run ratios. HF is timed in the calling process, ctxjax in a
+child with the environment launch/local.sh gives training (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+ctxjax/host_memory.py; CTXJAX_MALLOC_DEFAULTS=1 leaves it out).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import tiny  # noqa: E402
+from ctxjax import host_memory  # noqa: E402
 from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
 from ctxjax.model.flops import param_count, train_flops_per_token  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
@@ -127,6 +130,27 @@ def hf_tokens_per_sec(seq_len: int, steps: int) -> float | None:
   return TOKENS_PER_STEP / float(np.median(times))
 
 
+def measure_ctxjax(args, hf: dict) -> dict:
+  """ctxjax's rows in this process (and the matmul peak), with HF's tokens/s by seq_len."""
+  from ctxjax import attention
+  impls = [i for i in args.impls.split(",") if i in attention.IMPLEMENTATIONS]
+  peak = matmul_peak_flops()
+  rows = []
+  for seq_len in [int(s) for s in args.seq_lens.split(",")]:
+    for impl in impls:
+      r = ctxjax_tokens_per_sec(seq_len, impl, args.steps, {})
+      flops = r["tokens_per_sec"] * r["flops_per_token"]
+      rows.append({"seq_len": seq_len, "impl": impl, "tokens_per_sec": r["tokens_per_sec"],
+                   "model_flops_per_sec": flops, "fraction_of_matmul_peak": flops / peak,
+                   "hf_torch_tokens_per_sec": hf.get(seq_len), "params": r["params"]})
+      print(json.dumps(rows[-1]), flush=True)
+  return {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
+          platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+          "backend": jax.default_backend(), "matmul_peak_flops": peak,
+          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+          "tokens_per_step": TOKENS_PER_STEP, "rows": rows}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq_lens", default="256,1024")
@@ -135,36 +159,44 @@ def main():
   parser.add_argument("--no_hf", action="store_true")
   parser.add_argument("--repeats", type=int, default=1,
                       help="run the comparison in this many fresh processes; report medians")
+  parser.add_argument("--ctxjax_only", action="store_true",
+                      help="(internal) ctxjax's side, in the child process")
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "throughput.json"))
   args = parser.parse_args()
   if args.repeats > 1:
     return _repeat(args)
-
-  from ctxjax import attention
-  impls = [i for i in args.impls.split(",") if i in attention.IMPLEMENTATIONS]
-  peak = matmul_peak_flops()
-  rows = []
-  for seq_len in [int(s) for s in args.seq_lens.split(",")]:
-    hf = None if args.no_hf else hf_tokens_per_sec(seq_len, args.steps)
-    for impl in impls:
-      r = ctxjax_tokens_per_sec(seq_len, impl, args.steps, {})
-      flops = r["tokens_per_sec"] * r["flops_per_token"]
-      rows.append({"seq_len": seq_len, "impl": impl, "tokens_per_sec": r["tokens_per_sec"],
-                   "model_flops_per_sec": flops, "fraction_of_matmul_peak": flops / peak,
-                   "hf_torch_tokens_per_sec": hf,
-                   "vs_hf": r["tokens_per_sec"] / hf if hf else None, "params": r["params"]})
-      print(json.dumps(rows[-1]), flush=True)
-
-  result = {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
-            platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-            "backend": jax.default_backend(), "matmul_peak_flops": peak,
-            "tokens_per_step": TOKENS_PER_STEP, "rows": rows}
+  if args.ctxjax_only:
+    result = measure_ctxjax(args, {})
+  else:
+    # HF here, in the caller's environment; ctxjax in a child process with the environment
+    # launch/local.sh gives it (huge pages for glibc's large blocks, ctxjax/host_memory.py),
+    # which glibc reads only at start-up. Never interleaved (the other library's spinning
+    # threads slow the next call, benchmarks/profile_step.py).
+    seq_lens = [int(s) for s in args.seq_lens.split(",")]
+    hf = {} if args.no_hf else {t: hf_tokens_per_sec(t, args.steps) for t in seq_lens}
+    with tempfile.TemporaryDirectory() as tmp:
+      out = os.path.join(tmp, "ctxjax.json")
+      subprocess.run([sys.executable, os.path.abspath(__file__), "--ctxjax_only",
+                      f"--seq_lens={args.seq_lens}", f"--impls={args.impls}",
+                      f"--steps={args.steps}", f"--out={out}"], check=True,
+                     env=host_memory.cpu_environment())
+      with open(out, encoding="utf-8") as f:
+        result = json.load(f)
+    result["hf_glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
+    for r in result["rows"]:
+      r["hf_torch_tokens_per_sec"] = hf.get(r["seq_len"])
+  for r in result["rows"]:
+    hf_tps = r["hf_torch_tokens_per_sec"]
+    r["vs_hf"] = r["tokens_per_sec"] / hf_tps if hf_tps else None
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
-  print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s ({jax.default_backend()}, "
-        f"{os.cpu_count()} cores)")
+  if args.ctxjax_only:
+    return
+  peak, rows = result["matmul_peak_flops"], result["rows"]
+  print(f"\nmatmul peak {peak / 1e9:.1f} GFLOP/s ({result['backend']}, {os.cpu_count()} cores; "
+        f"ctxjax with GLIBC_TUNABLES={result['glibc_tunables'] or '(unset)'})")
   print(f"{'T':>6} {'impl':>10} {'tok/s':>9} {'GFLOP/s':>8} {'of peak':>8} {'HF tok/s':>9} "
         f"{'vs HF':>6}")
   for r in rows:

@@ -4,7 +4,8 @@
 #   bash launch/local.sh study [--workdir=runs/study] [--preset=quick|full]
 #   bash launch/local.sh train [--config=configs/tiny.py] [--workdir=runs/tiny] [--config.x=y ...]
 #   bash launch/local.sh test  [pytest args ...]
-# CTXJAX_VENV overrides the virtualenv location.
+# CTXJAX_VENV overrides the virtualenv location; CTXJAX_MALLOC_DEFAULTS=1 keeps glibc's malloc
+# defaults for train / study (see ctxjax/host_memory.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 task=${1:-study}
@@ -23,6 +24,12 @@ if [ ! -f "$stamp" ]; then
   "$py" -m pip install -q --upgrade pip
   "$py" -m pip install -q -e ".$extras"
   touch "$stamp"
+fi
+if [ "$task" != test ] && [ "${CTXJAX_MALLOC_DEFAULTS:-0}" != 1 ] \
+    && [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then
+  # Transparent huge pages for glibc's large blocks: XLA:CPU's per-step temporary buffer is
+  # otherwise faulted in anew, 4 KiB at a time, every step (ctxjax/host_memory.py).
+  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
 fi
 case "$task" in
   train)
