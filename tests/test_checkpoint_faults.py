@@ -231,3 +231,36 @@ def test_resume_after_a_damaged_checkpoint_matches_an_uninterrupted_run(full_run
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8", "8.corrupt"]
   # steps 5..8 retrained from step 4: the same bits as the uninterrupted run
   assert _losses(workdir) == want
+
+
+def test_asyncio_records_of_failed_orbax_tasks_keep_one_line():
+  """asyncio logs a collected task's unretrieved exception with its traceback; for a task that
+  ran orbax code (a damaged checkpoint's read) the record keeps one line."""
+  from ctxjax.train import checkpoint_faults
+  namespace = {}
+  exec(compile("def read_shard():\n  raise ValueError('ZSTD_decompressStream() failed\\nmore')\n",
+               "/site-packages/orbax/checkpoint/_src/serialization/fake.py", "exec"), namespace)
+  try:
+    namespace["read_shard"]()
+  except ValueError:
+    exc_info = sys.exc_info()
+  stream = __import__("io").StringIO()
+  handler = std_logging.StreamHandler(stream)
+  logger = std_logging.getLogger("asyncio")
+  logger.addHandler(handler)
+  try:
+    checkpoint_faults.quiet_orbax_tasks()
+    checkpoint_faults.quiet_orbax_tasks()  # once only
+    assert sum(isinstance(f, checkpoint_faults.OrbaxTasksOneLine) for f in logger.filters) == 1
+    logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<read()>>",
+                 exc_info=exc_info)
+    try:
+      raise RuntimeError("not orbax")
+    except RuntimeError:
+      logger.error("another task failed", exc_info=True)
+  finally:
+    logger.removeHandler(handler)
+  lines = stream.getvalue().splitlines()
+  assert lines[0] == ("Task exception was never retrieved: ValueError: "
+                      "ZSTD_decompressStream() failed")
+  assert lines[1] == "another task failed" and "Traceback" in stream.getvalue().split("\n", 2)[2]

@@ -66,6 +66,7 @@ class Checkpointer:
     faults.check_writable(self.directory)
     self._log_filter = faults.OrbaxErrorsOneLine()
     std_logging.getLogger("absl").addFilter(self._log_filter)
+    faults.quiet_orbax_tasks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=int(keep), create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -192,6 +193,7 @@ def read_params(directory: str, step: int | None = None, *, step_flag: str = "st
   ctxjax.model.param_loader checks and places them (the one way parameters enter a model).
   `step_flag` names the setting that chose `step` in the error for a step the directory lacks
   or that does not restore."""
+  faults.quiet_orbax_tasks()
   manager = ocp.CheckpointManager(directory, item_handlers={
       "state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
 

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable
 
 from absl import logging
@@ -76,6 +77,35 @@ class OrbaxErrorsOneLine(std_logging.Filter):
       record.msg, record.args = record.getMessage().strip().split("\n", 1)[0], ()
       record.exc_info, record.exc_text = None, None
     return True
+
+
+class OrbaxTasksOneLine(std_logging.Filter):
+  """A damaged checkpoint's failed read leaves orbax asyncio tasks whose exception nobody
+  retrieves; asyncio logs each ("Task exception was never retrieved") with its traceback when
+  the task is garbage-collected, at any later moment of the run. The damage is already reported
+  in one line, so such a record keeps one line: its first and the exception's."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    tb = record.exc_info[2] if record.exc_info else None
+    if (record.levelno >= std_logging.ERROR and tb is not None
+        and any("orbax" in frame.filename for frame in traceback.extract_tb(tb))):
+      first = record.getMessage().strip().split("\n", 1)[0]
+      reason = str(exc).strip().split("\n", 1)[0][:300]
+      record.msg, record.args = f"{first}: {type(exc).__name__}: {reason}", ()
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+_TASKS_ONE_LINE = OrbaxTasksOneLine()
+
+
+def quiet_orbax_tasks() -> None:
+  """Installs `OrbaxTasksOneLine` on asyncio's logger, once, for the rest of the process (the
+  tasks may be collected after the Checkpointer closed)."""
+  logger = std_logging.getLogger("asyncio")
+  if _TASKS_ONE_LINE not in logger.filters:
+    logger.addFilter(_TASKS_ONE_LINE)
 
 
 def release_orbax_waiters() -> None:
