@@ -130,8 +130,8 @@ def hf_tokens_per_sec(seq_len: int, steps: int) -> float | None:
   return TOKENS_PER_STEP / float(np.median(times))
 
 
-def measure_ctxjax(args, hf: dict) -> dict:
-  """ctxjax's rows in this process (and the matmul peak), with HF's tokens/s by seq_len."""
+def measure_ctxjax(args) -> dict:
+  """ctxjax's rows in this process (and the matmul peak); HF's columns are filled by main."""
   from ctxjax import attention
   impls = [i for i in args.impls.split(",") if i in attention.IMPLEMENTATIONS]
   peak = matmul_peak_flops()
@@ -142,7 +142,7 @@ def measure_ctxjax(args, hf: dict) -> dict:
       flops = r["tokens_per_sec"] * r["flops_per_token"]
       rows.append({"seq_len": seq_len, "impl": impl, "tokens_per_sec": r["tokens_per_sec"],
                    "model_flops_per_sec": flops, "fraction_of_matmul_peak": flops / peak,
-                   "hf_torch_tokens_per_sec": hf.get(seq_len), "params": r["params"]})
+                   "params": r["params"]})
       print(json.dumps(rows[-1]), flush=True)
   return {"date": datetime.date.today().isoformat(), "machine": platform.processor() or
           platform.machine(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
@@ -167,7 +167,7 @@ def main():
   if args.repeats > 1:
     return _repeat(args)
   if args.ctxjax_only:
-    result = measure_ctxjax(args, {})
+    result = measure_ctxjax(args)
   else:
     # HF here, in the caller's environment; ctxjax in a child process with the environment
     # launch/local.sh gives it (huge pages for glibc's large blocks, ctxjax/host_memory.py),
@@ -185,10 +185,8 @@ def main():
         result = json.load(f)
     result["hf_glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     for r in result["rows"]:
-      r["hf_torch_tokens_per_sec"] = hf.get(r["seq_len"])
-  for r in result["rows"]:
-    hf_tps = r["hf_torch_tokens_per_sec"]
-    r["vs_hf"] = r["tokens_per_sec"] / hf_tps if hf_tps else None
+      hf_tps = r["hf_torch_tokens_per_sec"] = hf.get(r["seq_len"])
+      r["vs_hf"] = r["tokens_per_sec"] / hf_tps if hf_tps else None
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)

@@ -6,11 +6,11 @@ maps a block that large afresh with mmap and unmaps it when it is freed, so ever
 of its 4 KiB pages in again: 62k minor faults and ~110 ms of kernel time per ~400 ms step of
 configs/tiny.py on a 2-core machine, against 4k faults and 9 ms for PyTorch's step. With glibc's
 tunable `glibc.malloc.hugetlb=1` (glibc >= 2.35) malloc asks for transparent huge pages on the
-blocks it maps (madvise), and each step faults ~400 2 MiB pages instead: the step ran 14-22%
-faster at T=256 and ~4% at T=1024 (benchmarks/README.md, "Page faults").
+blocks it maps (madvise), and a step takes ~400 faults instead: 13% more tokens/s at T=256 and
+at T=1024 in benchmarks/throughput.py (benchmarks/README.md, "Page faults").
 
 glibc reads GLIBC_TUNABLES once, when the process starts, so the setting is an environment:
-launch/local.sh exports it for `train` and `study`, benchmarks/throughput.py runs ctxjax's side
+launch/local.sh exports `cpu_environment()`'s value for `train` and `study`, benchmarks/throughput.py runs ctxjax's side
 with it, and a user who runs `python -m ctxjax.train` directly exports it first:
   export GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 It needs the kernel's transparent huge pages in `madvise` or `always` mode
@@ -38,3 +38,7 @@ def cpu_environment(env=None) -> dict:
     return env
   env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES", ""), TUNABLE)))
   return env
+
+
+if __name__ == "__main__":  # launch/local.sh: the GLIBC_TUNABLES value to export
+  print(cpu_environment().get("GLIBC_TUNABLES", ""))

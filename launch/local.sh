@@ -25,11 +25,11 @@ if [ ! -f "$stamp" ]; then
   "$py" -m pip install -q -e ".$extras"
   touch "$stamp"
 fi
-if [ "$task" != test ] && [ "${CTXJAX_MALLOC_DEFAULTS:-0}" != 1 ] \
-    && [[ "${GLIBC_TUNABLES:-}" != *glibc.malloc.hugetlb* ]]; then
+if [ "$task" != test ]; then
   # Transparent huge pages for glibc's large blocks: XLA:CPU's per-step temporary buffer is
   # otherwise faulted in anew, 4 KiB at a time, every step (ctxjax/host_memory.py).
-  export GLIBC_TUNABLES="${GLIBC_TUNABLES:+$GLIBC_TUNABLES:}glibc.malloc.hugetlb=1"
+  tunables=$("$py" -m ctxjax.host_memory)
+  [ -z "$tunables" ] || export GLIBC_TUNABLES="$tunables"
 fi
 case "$task" in
   train)

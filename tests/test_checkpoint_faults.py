@@ -4,6 +4,7 @@ explicit --step of a damaged one fails in one line, and an unwritable checkpoint
 stops a run before step 1 or, when it becomes unwritable mid-run, at the next step without
 orbax's minutes of timeouts."""
 import glob
+import io
 import json
 import logging as std_logging
 import os
@@ -244,7 +245,7 @@ def test_asyncio_records_of_failed_orbax_tasks_keep_one_line():
     namespace["read_shard"]()
   except ValueError:
     exc_info = sys.exc_info()
-  stream = __import__("io").StringIO()
+  stream = io.StringIO()
   handler = std_logging.StreamHandler(stream)
   logger = std_logging.getLogger("asyncio")
   logger.addHandler(handler)
