@@ -103,7 +103,8 @@ def _micro_batches(batch, steps: int):
 
 
 def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, rules=None,
-                    state_shardings=None, grad_accum_steps: int = 1, trainable=None):
+                    state_shardings=None, grad_accum_steps: int = 1, trainable=None,
+                    compiler_options: dict | None | str = "platform"):
   """(state, batch) -> (state, metrics); batch: inputs/targets/positions/segment_ids/loss_mask,
   the global batch of one optimizer step. With `grad_accum_steps` > 1 it runs as that many
   micro-batches whose summed gradients give exactly the full batch's token-mean loss.
@@ -111,7 +112,9 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
   the mesh and logical-axis rules, so the model's activation constraints take effect; the
   returned function also has `.lower(state, batch)` for AOT compilation. `trainable`
   (optim.trainable's regexes) differentiates only those parameters: frozen ones — a LoRA base,
-  LongQLoRA's integer codes — get zero gradients and no backward matmuls for their weights."""
+  LongQLoRA's integer codes — get zero gradients and no backward matmuls for their weights.
+  `compiler_options`: "platform" = ctxjax's options for the mesh's platform (xla_options.py),
+  else passed to jax.jit as they are (None = XLA's defaults; benchmarks/xla_options.py)."""
   if int(grad_accum_steps) < 1:
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
   data_cfg = coerce(DataConfig, data_cfg, "data")  # a DataConfig, or (library use) a mapping
@@ -155,7 +158,8 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  options = step_compiler_options(mesh)
+  options = (step_compiler_options(mesh) if compiler_options == "platform"
+             else compiler_options)
   if mesh is None:
     return jax.jit(train_step, donate_argnums=(0,), compiler_options=options)
   from ctxjax.train import sharding
