@@ -295,7 +295,7 @@ def test_merged_export_loads_in_transformers(adapted, tmp_path):
   hf.save(Transformer(cfg), {"params": params}, tmp_path / "out", tokenizer_model=tok.path)
   torch_model = transformers.LlamaForCausalLM.from_pretrained(
       tmp_path / "out", attn_implementation="eager").eval()
-  tokens = np.asarray(cases.tokens())
+  tokens = np.array(cases.tokens())  # a writable copy: torch.from_numpy needs one
   with torch.no_grad():
     theirs = torch_model(torch.from_numpy(tokens)).logits.float().numpy()
   ours = np.asarray(apply({"params": params}, jnp.asarray(tokens)))

@@ -102,6 +102,12 @@ def _micro_batches(batch, steps: int):
   return jax.tree.map(split, batch)
 
 
+def global_norm(tree) -> jax.Array:
+  """sqrt(sum of squares) over every leaf, as optax.global_norm (deprecated in optax 0.2.5 for
+  optax.tree.norm, which older optax releases in this project's range lack)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
 def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, rules=None,
                     state_shardings=None, grad_accum_steps: int = 1, trainable=None,
                     compiler_options: dict | None | str = "platform"):
@@ -155,7 +161,7 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
     loss, tokens, grads = gradients(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "tokens": tokens, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "tokens": tokens, "grad_norm": global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   options = (step_compiler_options(mesh) if compiler_options == "platform"
