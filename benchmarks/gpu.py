@@ -4,8 +4,11 @@
   python benchmarks/gpu.py --quick         # small shapes: checks the script on any backend
 
 On a lent GPU machine (the `device` tool), whose python3 already has jax with CUDA, flax and
-optax: `PYTHONUNBUFFERED=1 python3 benchmarks/gpu.py --out=$OUT/gpu.json` (not yet timed on a
-GPU: ten attention cases and two compiles of the model; each row is written as it finishes).
+optax, one call: `export PYTHONUNBUFFERED=1; python3 benchmarks/gpu.py --quick
+--out=$OUT/quick.json && python3 benchmarks/gpu.py --out=$OUT/gpu.json` (the quick pass takes
+seconds and stops the call early if the image's jax breaks the script; the full run is not yet
+timed on a GPU: ten attention cases and two compiles of the model; rows are written as they
+finish).
 
 1. Attention, forward + backward, bf16, batch 1, 32 query heads / 4 kv heads of 64 (the model's
    below), causal, T = 2K..32K: ctxjax's blockwise kernel against
