@@ -3,12 +3,11 @@
   python benchmarks/gpu.py                 # the GPU figures of benchmarks/README.md
   python benchmarks/gpu.py --quick         # small shapes: checks the script on any backend
 
-On a lent GPU machine (the `device` tool), whose python3 already has jax with CUDA, flax and
-optax, one call: `export PYTHONUNBUFFERED=1; python3 benchmarks/gpu.py --quick
---out=$OUT/quick.json && python3 benchmarks/gpu.py --out=$OUT/gpu.json` (the quick pass takes
-seconds and stops the call early if the image's jax breaks the script; the full run is not yet
-timed on a GPU: ten attention cases and two compiles of the model; rows are written as they
-finish).
+On a GPU machine whose Python has jax with CUDA, flax and optax (nothing else of ctxjax's
+dependencies is imported), in one go: `export PYTHONUNBUFFERED=1; python benchmarks/gpu.py
+--quick --out=/tmp/gpu_quick.json && python benchmarks/gpu.py` (the quick pass takes seconds and
+stops early if that jax breaks the script; the full run is not yet timed on a GPU: ten attention
+cases and two compiles of the model; rows are written as they finish).
 
 1. Attention, forward + backward, bf16, batch 1, 32 query heads / 4 kv heads of 64 (the model's
    below), causal, T = 2K..32K: ctxjax's blockwise kernel against
