@@ -1,8 +1,12 @@
 """The steps' XLA compiler options: on CPU, XLA's own dot emitter unless the user opts out."""
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
+from ctxjax.model import Transformer, model_config_from_dict
 from ctxjax.train import xla_options
+from ctxjax.train.step import init_state, make_train_step
 
 
 def test_cpu_steps_turn_ynn_dot_fusions_off(monkeypatch):
@@ -27,12 +31,6 @@ def test_user_choices_win(monkeypatch):
 def test_the_train_step_compiles_with_the_options_it_is_given(monkeypatch, tiny_model_dict):
   """make_train_step: ctxjax's CPU options by default; `compiler_options` replaces them
   (None = XLA's defaults: YNNPACK dot fusions back; benchmarks/xla_options.py compares)."""
-  import ml_collections
-  import numpy as np
-  import optax
-
-  from ctxjax.model import Transformer, model_config_from_dict
-  from ctxjax.train.step import init_state, make_train_step
   monkeypatch.delenv("CTXJAX_XLA_DEFAULTS", raising=False)
   monkeypatch.setenv("XLA_FLAGS", "")
   model = Transformer(model_config_from_dict(tiny_model_dict))
@@ -42,8 +40,7 @@ def test_the_train_step_compiles_with_the_options_it_is_given(monkeypatch, tiny_
   batch = {"inputs": tokens, "targets": tokens, "segment_ids": np.ones_like(tokens),
            "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)),
            "loss_mask": np.ones(tokens.shape, np.float32)}
-  data_cfg = ml_collections.ConfigDict({})
-  compiled = lambda **kw: make_train_step(model, tx, data_cfg, **kw).lower(
+  compiled = lambda **kw: make_train_step(model, tx, {}, **kw).lower(
       state, batch).compile().as_text()
   assert "ynn_fusion" not in compiled()
   assert "ynn_fusion" in compiled(compiler_options=None)
