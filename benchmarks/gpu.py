@@ -145,16 +145,8 @@ def model_rows(model_dict, seq_len, impls, steps):
                "positions": np.arange(seq_len, dtype=np.int32)[None],
                "segment_ids": np.ones((1, seq_len), np.int32),
                "loss_mask": np.ones((1, seq_len), np.float32)}
-      start = time.perf_counter()
-      state, metrics = step(state, batch)
-      jax.block_until_ready(metrics)
-      row["compile_and_first_step_s"] = time.perf_counter() - start
-      times = []
-      for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - start)
+      state, metrics, times, row["compile_and_first_step_s"] = measure.time_train_steps(
+          step, state, batch, steps)
     except Exception as e:  # noqa: BLE001
       yield {**row, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
       continue

@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import time
 
 import numpy as np
 
@@ -55,3 +56,20 @@ def fmt(s: dict, digits: int = 3) -> str:
   if not s.get("n"):
     return "-"
   return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} (n={s['n']})"
+
+
+def time_train_steps(step, state, batch, steps: int):
+  """Run `step(state, batch) -> (state, metrics)` once untimed (compilation), then `steps` times,
+  each waited for -> (state, metrics, [seconds per step], seconds of the first call)."""
+  import jax  # noqa: PLC0415  (this module stays importable without jax)
+  start = time.perf_counter()
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  return state, metrics, times, first

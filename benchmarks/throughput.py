@@ -30,8 +30,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import measure  # noqa: E402  (benchmarks/measure.py)
 from configs import tiny  # noqa: E402
 from ctxjax import host_memory  # noqa: E402
 from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
@@ -76,14 +78,7 @@ def ctxjax_tokens_per_sec(seq_len: int, impl: str, steps: int, overrides: dict) 
   state, _ = init_state(model, tx, jax.random.PRNGKey(0), batch, seq_len)
   step = make_train_step(model, tx, config.data)
   data = random_batch(jax.random.PRNGKey(1), batch, seq_len, cfg.vocab_size)
-  state, m = step(state, data)  # compile
-  jax.block_until_ready(m)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, m = step(state, data)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t)
+  _, _, times, _ = measure.time_train_steps(step, state, data, steps)
   tps = TOKENS_PER_STEP / float(np.median(times))
   return {"tokens_per_sec": tps, "flops_per_token": train_flops_per_token(cfg, seq_len),
           "params": param_count(cfg)["total"]}
