@@ -47,7 +47,7 @@ from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
 from ctxjax.model.flops import param_count  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
 from ctxjax.train.step import cross_entropy, init_state, make_train_step  # noqa: E402
-from ctxjax.train.xla_options import step_compiler_options  # noqa: E402
+from ctxjax.xla_options import platform_options  # noqa: E402
 
 STAND_IN = "profile_stand_in"
 
@@ -99,7 +99,7 @@ def ctxjax_variants(seq_len: int) -> dict:
       return cross_entropy(logits, data["targets"], data["loss_mask"])[0]
 
     if impl == "auto":
-      options = step_compiler_options()
+      options = platform_options()
       grad = jax.jit(jax.value_and_grad(loss_fn), compiler_options=options)
       params = jax.tree.map(jnp.copy, state.params)  # the step donates its state
       fns["grad"] = lambda g=grad, p=params: jax.block_until_ready(g(p))
@@ -216,7 +216,7 @@ def gemm_rates(repeats: int = 15) -> dict:
   forms = {"forward": lambda x, w, dy: x @ w, "dX": lambda x, w, dy: dy @ w.T,
            "dW": lambda x, w, dy: x.T @ dy}
   rows, total = [], collections.Counter()
-  options = step_compiler_options()
+  options = platform_options()
   for name, d_in, d_out, count in weights:
     x, w, dy = (rng.standard_normal(s, np.float32) for s in ((n, d_in), (d_in, d_out), (n, d_out)))
     flops = 2 * n * d_in * d_out

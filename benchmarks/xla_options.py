@@ -3,7 +3,7 @@
   python benchmarks/xla_options.py [--seq_lens=256,1024] [--rounds=7]
                                    [--variants=ctxjax,xla_defaults,...]
 
-ctxjax compiles its CPU train and eval steps with ctxjax/train/xla_options.py's CPU_OPTIONS
+ctxjax compiles its CPU programs with ctxjax/xla_options.py's CPU_OPTIONS
 (YNNPACK dot fusions off), an A/B measured on the CPUs benchmarks/README.md names; XLA:CPU's
 dot libraries rank differently by CPU model, so this script re-decides it on yours. The train
 step is compiled once per variant, in one process, and the variants are timed in interleaved
@@ -43,7 +43,7 @@ from configs import tiny  # noqa: E402
 from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
 from ctxjax.train.step import init_state, make_train_step  # noqa: E402
-from ctxjax.train.xla_options import CPU_OPTIONS  # noqa: E402
+from ctxjax.xla_options import CPU_OPTIONS  # noqa: E402
 
 # name -> compile options (None: XLA's defaults). Extra options go on top of ctxjax's.
 VARIANTS = {

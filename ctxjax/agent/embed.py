@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax import xla_options
+
 
 def final_hidden(model, variables, tokens_BT, segment_ids_BT):
   """The final normed hidden states [B, T, E] of `model` (a ctxjax Transformer)."""
@@ -40,7 +42,7 @@ def hidden_state_embedder(model, variables, tokenizer, *, max_tokens: int = 64,
                           batch_size: int = 16):
   """embed(texts) -> float32 [N, E]: mean-pooled final hidden states (module doc)."""
 
-  @jax.jit
+  @xla_options.jit
   def pooled(variables, tokens_BT, mask_BT):
     return mean_pool(final_hidden(model, variables, tokens_BT, mask_BT), mask_BT)
 

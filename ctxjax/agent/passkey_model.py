@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ctxjax import xla_options
 from ctxjax.data import synthetic
 from ctxjax.model import Transformer, model_config_from_dict
 from ctxjax.train import trainable as trainable_lib
@@ -97,7 +98,7 @@ def train_rows(model, variables, rows: dict, *, steps: int = 300, batch: int = 3
   extra = ("positions", "segment_ids") if "positions" in rows else ()
   mask = trainable_lib.trainable_mask(params, trainable)
 
-  @jax.jit
+  @xla_options.jit
   def step(params, opt, x_BT, y_BT, m_BT, *extra_BT):
     def loss_fn(p):
       logits = model.apply({"params": p}, x_BT, *extra_BT, train=training)

@@ -28,7 +28,9 @@ def model_token_scorer(model, variables) -> TokenScorer:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  @jax.jit
+  from ctxjax import xla_options  # noqa: PLC0415
+
+  @xla_options.jit
   def logprobs(v, ids_1T):
     logp = jax.nn.log_softmax(model.apply(v, ids_1T).astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp[:, :-1], ids_1T[:, 1:, None], axis=-1)[0, :, 0]

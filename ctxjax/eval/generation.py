@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax import xla_options
 from ctxjax.model import cached_attention, kv_cache
 from ctxjax.model import params as params_lib
 from ctxjax.model.transformer import Transformer
@@ -127,8 +128,8 @@ def _program(cfg, batch: int, prompt_len: int, max_new: int, temperature: float,
 
     return jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, cache, done_B))[1]
 
-  return Program(unroll=jax.jit(unroll) if stacked.scan_layers else (lambda v: v),
-                 prefill=jax.jit(prefill), decode=jax.jit(decode))
+  return Program(unroll=xla_options.jit(unroll) if stacked.scan_layers else (lambda v: v),
+                 prefill=xla_options.jit(prefill), decode=xla_options.jit(decode))
 
 
 def compiled(model, batch: int, prompt_len: int, max_new_tokens: int, *,

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax import xla_options
 from ctxjax.attention.landmark import landmark_slots, with_landmarks
 from ctxjax.model import kv_cache
 from ctxjax.model import params as params_lib
@@ -47,7 +48,7 @@ def _options(model):
   return opts["mem_freq"], opts["landmark_token_id"]
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_options.jit, static_argnums=0)
 def _logits(model, variables, slots_BM):
   b, m = slots_BM.shape
   positions = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), (b, m))
@@ -69,7 +70,7 @@ def cache_capacity(mem_freq: int, n_slots: int) -> int:
   return -(-n_slots // (mem_freq + 1)) * (mem_freq + 1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(xla_options.jit, static_argnums=(0, 3))
 def prefill(model, variables, slots_BP, capacity: int):
   """The prompt's slots [B, P] (landmarks inserted, slot index = position) run once ->
   (logits [B, P, V], cache): a kv_cache.KVCache of `capacity` slots (cache_capacity) holding
@@ -80,7 +81,7 @@ def prefill(model, variables, slots_BP, capacity: int):
   return model.apply(variables, slots_BP, positions, jnp.ones_like(slots_BP), cache=cache)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_options.jit, static_argnums=0)
 def decode_step(model, variables, slot_B, cache):
   """One slot per row (a content id or the landmark id) at the row's next slot, cache.length
   (= its position) -> (logits [B, V], cache with its k/v stored)."""
@@ -95,7 +96,7 @@ def _pick(logits_BV, landmark_id: int):
   return jnp.argmax(logits_BV.at[:, landmark_id].set(-jnp.inf), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(xla_options.jit, static_argnums=(0, 3, 4))
 def _greedy(model, variables, slots_BM, n_prompt: int, last: int):
   """slots [B, M] with the prompt in its first n_prompt slots and the landmarks at theirs ->
   the slots with greedy tokens at every content slot up to `last` (the final token's)."""

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax import xla_options
 from ctxjax.model import knn_memory, memory_model
 
 
@@ -36,7 +37,7 @@ def init_memory(cfg, batch: int) -> dict:
   return tree
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(xla_options.jit, static_argnums=0)
 def _window(model, params, memory, tokens_BW):
   logits, new = model.apply({"params": params, "memory": memory}, tokens_BW,
                             mutable=["memory"])

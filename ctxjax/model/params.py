@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax import xla_options
 from ctxjax.model import quant
 from ctxjax.model.lora import ADAPTER_PARAMS, BLOCK_PROJECTIONS
 from ctxjax.model.transformer import Transformer
@@ -172,7 +173,7 @@ def _merged(lead: int):
     return (w.astype(jnp.float32) + s * delta).astype(w.dtype)
   for _ in range(lead):
     merge = jax.vmap(merge, in_axes=(0, 0, 0, None))
-  return jax.jit(merge)
+  return xla_options.jit(merge)
 
 
 def init_from_base(base_params, cfg, rng) -> dict:

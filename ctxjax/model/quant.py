@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ctxjax import xla_options
 from ctxjax.registry import Registry, unknown_choice
 
 ABSMAX = "kernel_absmax"  # the parameter beside a quantized projection's codes (the only spelling)
@@ -183,7 +184,7 @@ def jitted(kind: str, op: str, n_in: int, block: int, lead: int):
   fn = functools.partial(getattr(FORMATS[kind], op), n_in=n_in, block=block)
   for _ in range(lead):
     fn = jax.vmap(fn)
-  return jax.jit(fn)
+  return xla_options.jit(fn)
 
 
 # --- inside a Projection ---------------------------------------------------------------------

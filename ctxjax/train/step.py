@@ -1,7 +1,6 @@
 """Train state, loss and the jitted train/eval steps."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
@@ -10,12 +9,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ctxjax import xla_options
 from ctxjax.data.config import POSITION_IDS, DataConfig
 from ctxjax.data.settings import coerce
 from ctxjax.positions import generators
 from ctxjax.registry import unknown_choice
 from ctxjax.train import trainable as trainable_lib
-from ctxjax.train.xla_options import step_compiler_options
 
 
 
@@ -67,12 +66,12 @@ def init_state(model: nn.Module, tx, rng, batch_size: int, seq_len: int, *, mesh
   parameter and optimizer moment is created directly in its sharding (never whole on a host)."""
   init = lambda r: nn.meta.unbox(_boxed_state(model, tx, r, batch_size, seq_len))
   if mesh is None:
-    return jax.jit(init)(rng), None
+    return xla_options.jit(init)(rng), None
   _, shardings = abstract_train_state(model, tx, batch_size, seq_len, mesh=mesh, rules=rules)
   # out_shardings places the state; the abstract mesh lets context-parallel kernels (ring)
   # trace their shard_map during init.
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    state = jax.jit(init, out_shardings=shardings)(rng)
+    state = xla_options.jit(init, out_shardings=shardings)(rng)
   return state, shardings
 
 
@@ -119,7 +118,7 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
   returned function also has `.lower(state, batch)` for AOT compilation. `trainable`
   (optim.trainable's regexes) differentiates only those parameters: frozen ones — a LoRA base,
   LongQLoRA's integer codes — get zero gradients and no backward matmuls for their weights.
-  `compiler_options`: "platform" = ctxjax's options for the mesh's platform (xla_options.py),
+  `compiler_options`: "platform" = ctxjax's options for the mesh's platform (ctxjax/xla_options.py),
   else passed to jax.jit as they are (None = XLA's defaults; benchmarks/xla_options.py)."""
   if int(grad_accum_steps) < 1:
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -164,7 +163,7 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
     metrics = {"loss": loss, "tokens": tokens, "grad_norm": global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  options = (step_compiler_options(mesh) if compiler_options == "platform"
+  options = (xla_options.platform_options(mesh) if compiler_options == "platform"
              else compiler_options)
   if mesh is None:
     return jax.jit(train_step, donate_argnums=(0,), compiler_options=options)
@@ -187,7 +186,7 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
 
 
 def make_eval_step(model: nn.Module):
-  @functools.partial(jax.jit, compiler_options=step_compiler_options())
+  @xla_options.jit
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["inputs"], batch["positions"],
                          batch["segment_ids"])
