@@ -1,7 +1,13 @@
-"""Which XLA:CPU compile options train configs/tiny.py fastest on THIS CPU.
+"""Which XLA:CPU compile options train (and score) configs/tiny.py fastest on THIS CPU.
 
   python benchmarks/xla_options.py [--seq_lens=256,1024] [--rounds=7]
                                    [--variants=ctxjax,xla_defaults,...]
+  python benchmarks/xla_options.py --program=nll --seq_lens=1024,4096,16384 --rounds=5 \
+      --variants=ctxjax,xla_defaults
+
+`--program=nll` times perplexity scoring's jitted NLL (ctxjax.eval.perplexity: the forward
+pass and the masked log-softmax; random weights, 4096 tokens per call or one row of T) instead
+of the train step.
 
 ctxjax compiles its CPU programs with ctxjax/xla_options.py's CPU_OPTIONS
 (YNNPACK dot fusions off), an A/B measured on the CPUs benchmarks/README.md names; XLA:CPU's
@@ -40,6 +46,7 @@ import jax  # noqa: E402
 import measure  # noqa: E402
 import throughput  # noqa: E402
 from configs import tiny  # noqa: E402
+from ctxjax.eval import perplexity  # noqa: E402
 from ctxjax.model import Transformer, model_config_from_dict  # noqa: E402
 from ctxjax.train.optim import make_optimizer  # noqa: E402
 from ctxjax.train.step import init_state, make_train_step  # noqa: E402
@@ -82,11 +89,35 @@ def step_runner(seq_len: int, options):
   return run
 
 
-def compare(seq_len: int, names: list[str], rounds: int) -> list[dict]:
+def nll_runner(seq_len: int, options):
+  """A function running perplexity scoring's NLL of configs/tiny.py's model (random weights)
+  on max(1, 4096 // seq_len) rows of seq_len tokens, compiled with `options`."""
+  config = tiny.get_config()
+  config.model.max_position_embeddings = max(seq_len, config.model.max_position_embeddings)
+  model = Transformer(model_config_from_dict(config.model))
+  rows = max(1, 4096 // seq_len)
+  tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (rows, seq_len), 0,
+                                         model.cfg.vocab_size), np.int32)
+  positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+  ones = np.ones(tokens.shape, np.int32)
+  variables = model.init(jax.random.PRNGKey(0), tokens[:, :8], positions[:, :8], ones[:, :8])
+  nll = jax.jit(lambda v, t, p, y, m, s: perplexity.masked_nll(model.apply(v, t, p, s), y, m),
+                compiler_options=options)
+
+  def run():
+    return {"loss": jax.block_until_ready(nll(variables, tokens, positions, tokens,
+                                              ones.astype(np.float32), ones)).sum()}
+  return run
+
+
+RUNNERS = {"train": step_runner, "nll": nll_runner}
+
+
+def compare(seq_len: int, names: list[str], rounds: int, program: str = "train") -> list[dict]:
   runners = {}
   for name in names:
     start = time.perf_counter()
-    runners[name] = step_runner(seq_len, VARIANTS[name])
+    runners[name] = RUNNERS[program](seq_len, VARIANTS[name])
     runners[name]()  # compile
     print(f"T={seq_len} {name}: compiled and ran one step in "
           f"{time.perf_counter() - start:.1f} s", flush=True)
@@ -104,7 +135,8 @@ def compare(seq_len: int, names: list[str], rounds: int) -> list[dict]:
   for name in names:
     loss = float(runners[name]()["loss"])  # every variant has now run the same steps
     median = float(np.median(times[name]))
-    rows.append({"seq_len": seq_len, "variant": name, "options": VARIANTS[name],
+    rows.append({"program": program, "seq_len": seq_len, "variant": name,
+                 "options": VARIANTS[name],
                  "step_s": median, "vs_first": median / base, "loss_after": loss,
                  "step_s_min_max": [float(np.min(times[name])), float(np.max(times[name]))]})
   return rows
@@ -114,11 +146,15 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq_lens", default="256,1024")
   parser.add_argument("--rounds", type=int, default=7)
+  parser.add_argument("--program", default="train", choices=sorted(RUNNERS),
+                      help="train: the train step; nll: perplexity scoring's forward + NLL")
   parser.add_argument("--variants", default=",".join(VARIANTS),
                       help=f"comma-separated, the first is the baseline; of {', '.join(VARIANTS)}")
-  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                    "xla_options.json"))
+  parser.add_argument("--out", default=None,
+                      help="default: benchmarks/results/xla_options[_nll].json")
   args = parser.parse_args()
+  args.out = args.out or os.path.join(os.path.dirname(__file__), "results", "xla_options" + (
+      "" if args.program == "train" else "_" + args.program) + ".json")
   names = args.variants.split(",")
   unknown = [n for n in names if n not in VARIANTS]
   if unknown:
@@ -128,7 +164,7 @@ def main():
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "rounds": args.rounds,
             "rows": []}
   for seq_len in [int(s) for s in args.seq_lens.split(",")]:
-    result["rows"] += compare(seq_len, names, args.rounds)
+    result["rows"] += compare(seq_len, names, args.rounds, args.program)
     result["machine_after"] = measure.machine()
     measure.write_json(args.out, result)
   print(f"\n{'T':>6} {'variant':>32} {'step ms':>8} {'vs ' + names[0]:>12} {'loss after':>11}")

@@ -53,6 +53,11 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> dict:
   out["position_embedding_type"] = "rope"
   out["rope_theta"], out["rope_scaling"] = rope_from_hf(hf, out["max_position_embeddings"])
   out["attention_pattern"] = {"kind": "causal"}
+  # The fastest kernel that computes the reference's result (blockwise on CPU, cuDNN on GPU,
+  # splash on TPU), as transformers picks sdpa: the dense reference holds a [T, T] score
+  # matrix per head and made a 4K prefill ~6x slower than transformers' (benchmarks/README.md,
+  # "Decoding"). A user's config can still name any kernel.
+  out["attention_impl"] = "auto"
   dtype = hf.get("dtype") or hf.get("torch_dtype")
   if dtype not in (None, "auto"):
     if dtype not in DTYPES:

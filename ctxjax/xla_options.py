@@ -5,9 +5,9 @@ default (`xla_cpu_experimental_ynn_fusion_type`). ctxjax compiles its CPU progra
 off, for two measured reasons:
 - speed: XLA's own dot emitter trains the tiny model 12-20% faster at T=256 and 25-33% faster
   at T=1024 on this project's first CPU machine and 16% faster at both lengths on a Zen 4 EPYC
-  (benchmarks/README.md, "Training throughput", "XLA:CPU options on your CPU"), and runs the
-  blockwise attention kernel's forward, which generation's prefill and perplexity scoring run,
-  ~30% faster (benchmarks/README.md, "Decoding");
+  (benchmarks/README.md, "Training throughput", "XLA:CPU options on your CPU"); perplexity
+  scoring took 1.16x longer with XLA's defaults at T=1024 and 16384 and generation's 4K prefill
+  0.69 s instead of 0.56 (Zen 4; benchmarks/README.md, "Decoding");
 - correctness: jaxlib 0.10.2 (the newest release on this project's package index) returns
   wrong values on CPU for some batched dots followed by a reduction inside these fusions
   (jax-ml/jax#39103: `vmap(lambda r: sum((eye(3) @ r) ** 2))` over 32,769 rows puts row

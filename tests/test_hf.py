@@ -234,7 +234,7 @@ def test_config_round_trip(name):
   cfg = model_config_from_dict(dict(
       SIZES, head_dim=16, max_position_embeddings=ORIG if name == "dynamic" else 4 * ORIG,
       rope_theta=_theta(name), rope_scaling=ROPES[name], dtype="bfloat16",
-      param_dtype="bfloat16"))
+      param_dtype="bfloat16", attention_impl="auto"))  # an import's kernel: HF has no such key
   out = hf.hf_config_from(cfg)
   assert out["architectures"] == ["LlamaForCausalLM"] and out["model_type"] == "llama"
   assert out["torch_dtype"] == out["dtype"] == "bfloat16"

@@ -39,7 +39,7 @@ PROTOCOLS.add("nonoverlap", "non-overlapping windows of L tokens, each scored fr
 PROTOCOLS.add("sliding", "sliding windows of L tokens with stride S (HF fixed-length models)")
 
 
-def _masked_nll(logits_BTV, targets_BT, mask_BT):
+def masked_nll(logits_BTV, targets_BT, mask_BT):
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
@@ -50,7 +50,7 @@ def _masked_nll(logits_BTV, targets_BT, mask_BT):
 def nll_fn_from_logits(logits_fn: Callable) -> NllFn:
   """A jitted NllFn from a traceable `logits_fn(tokens_BT, positions_BT) -> logits_BTV`."""
   from ctxjax import xla_options  # noqa: PLC0415
-  fn = xla_options.jit(lambda t, p, y, m: _masked_nll(logits_fn(t, p), y, m))
+  fn = xla_options.jit(lambda t, p, y, m: masked_nll(logits_fn(t, p), y, m))
   return lambda t, p, y, m: np.asarray(fn(t, p, y, m), np.float64)
 
 
@@ -58,7 +58,7 @@ def nll_fn_from_model(model, variables) -> NllFn:
   """A jitted NllFn of a ctxjax Transformer (variables are an argument, not constants);
   it takes segment ids (default: one segment per row)."""
   from ctxjax import xla_options  # noqa: PLC0415
-  fn = xla_options.jit(lambda v, t, p, y, m, s: _masked_nll(model.apply(v, t, p, s), y, m))
+  fn = xla_options.jit(lambda v, t, p, y, m, s: masked_nll(model.apply(v, t, p, s), y, m))
 
   def nll(t, p, y, m, s=None):
     s = np.ones(np.shape(t), np.int32) if s is None else s
