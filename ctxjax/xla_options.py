@@ -8,8 +8,8 @@ off, for two measured reasons:
   (benchmarks/README.md, "Training throughput", "XLA:CPU options on your CPU"); perplexity
   scoring took 1.16x longer with XLA's defaults at T=1024 and 16384 and generation's 4K prefill
   0.69 s instead of 0.56 (Zen 4; benchmarks/README.md, "Decoding");
-- correctness: jaxlib 0.10.2 (which ctxjax's tests run on; 0.10.1 was right) returns
-  wrong values on CPU for some batched dots followed by a reduction inside these fusions
+- correctness: jaxlib 0.10.2 (which ctxjax's tests run on; the issue reports 0.10.1 right)
+  returns wrong values on CPU for some batched dots followed by a reduction inside these fusions
   (jax-ml/jax#39103: `vmap(lambda r: sum((eye(3) @ r) ** 2))` over 32,769 rows puts row
   32,640's value in the last row); with the fusions off the result is exact
   (tests/test_xla_options.py runs that reproducer).
