@@ -237,6 +237,19 @@ def test_attention_modes_train_and_s2_is_training_only(tiny_model_dict, name):
     assert float(jnp.max(jnp.abs(run(params, False)[:, 20:] - causal[:, 20:]))) > 1e-4
 
 
+@pytest.mark.parametrize("name", ["standard", "dilated", "lm_infinite"])
+def test_default_kernel_is_auto_in_every_mode(tiny_model_dict, name):
+  """A config that names no kernel gets `auto` (the fastest exact one), in every mode."""
+  overrides = {k: v for k, v in MODE_OVERRIDES.get(name, {}).items() if k != "attention_impl"}
+  cfg, model, params = _build(tiny_model_dict, **overrides)
+  assert cfg.attention_impl == "auto"
+  _, dense, _ = _build(tiny_model_dict, **overrides, attention_impl="reference")
+  tokens = _rows(2, 32, seed=3)
+  positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
+  run = lambda m: jax.jit(lambda p: m.apply({"params": p}, tokens, positions))(params)
+  np.testing.assert_allclose(run(model), run(dense), atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (dict(attention_mode="ring_of_fire"), "attention_mode"),
     (dict(attention_mode="s2"), "group_size"),

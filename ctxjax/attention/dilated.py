@@ -131,7 +131,7 @@ def dilated_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, segment
   q: [B, T, H, D]; k, v: [B, T, K, D] (already rotated: xPos/RoPE from global positions);
   positions, segment_ids: int [B, T] (segment ids >= 0); segment_lengths, dilation_rates:
   equal-length sequences of positive ints, one (w_k, r_k) per branch. impl: "reference" |
-  "blockwise". Exact gradients (see module docstring).
+  "blockwise" | "auto" (= blockwise). Exact gradients (see module docstring).
   """
   IMPLS.check(impl)
   segment_lengths, dilation_rates = tuple(segment_lengths), tuple(dilation_rates)

@@ -50,7 +50,7 @@ def lm_infinite_attention(q_BTHD, k_BTKD, v_BTKD, *, positions, segment_ids, n_g
       `functools.partial(schemes.get_scheme(cfg.position_embedding_type).rotate_qk, cfg)`).
   positions, segment_ids: int [B, T], the queries' (and, by default, the keys': self-attention);
   k_positions, k_segment_ids: int [B, S] when the keys are others (a decoding cache).
-  impl: "reference" | "blockwise".
+  impl: "reference" | "blockwise" | "auto" (= blockwise).
   """
   if n_local <= 0 or n_global < 0:
     raise ValueError(f"lm_infinite_attention needs n_local > 0 and n_global >= 0, got "

@@ -68,6 +68,9 @@ def _blockwise_with_lse_bwd(pattern, scale, res, cotangents):
 
 _blockwise_with_lse.defvjp(_blockwise_with_lse_fwd, _blockwise_with_lse_bwd)
 IMPLS.add("blockwise", _blockwise_with_lse)
+# `auto` (the model's default kernel) picks blockwise on every backend here: cuDNN and splash
+# return no lse to merge with.
+IMPLS.add("auto", _blockwise_with_lse)
 
 
 def attend_with_lse(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids,
@@ -75,7 +78,8 @@ def attend_with_lse(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segme
   """Partial attention -> (out float32 [B,T,H,D], lse float32 [B,T,H]), same contract as
   `attend` (GQA, segments, ALiBi from positions); rows with no visible key: out 0, lse -inf.
 
-  Differentiable (exactly) in q, k, v through out AND lse. impl: "reference" | "blockwise".
+  Differentiable (exactly) in q, k, v through out AND lse. impl: "reference" | "blockwise" |
+  "auto" (= blockwise).
   """
   kernel = IMPLS.get(impl)
   scale = q_BTHD.shape[-1] ** -0.5 if scale is None else float(scale)

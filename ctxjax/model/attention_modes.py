@@ -92,9 +92,10 @@ register_mode(Mode("standard", _standard, {}, kernels=()))  # every registered k
 register_mode(Mode("s2", _s2, {"group_size": int},
                    kernels=("reference", "blockwise", "xla", "auto", "ring", "all_gather")))
 register_mode(Mode("dilated", _dilated, {"segment_lengths": tuple, "dilation_rates": tuple},
-                   kernels=("reference", "blockwise"), allows_alibi=False))
+                   kernels=("reference", "blockwise", "auto"), allows_alibi=False))
 register_mode(Mode("lm_infinite", _lm_infinite, {"n_global": int, "n_local": int},
-                   kernels=("reference", "blockwise"), needs_rotary=True, allows_alibi=False))
+                   kernels=("reference", "blockwise", "auto"), needs_rotary=True,
+                   allows_alibi=False))
 register_mode(Mode("landmark", landmark_mode.run, landmark_mode.OPTIONS,
                    kernels=landmark_mode.KERNELS, allows_alibi=False))
 

@@ -61,8 +61,10 @@ class ModelConfig:
   rope_scaling_items: Any = None  # frozen HF rope_scaling dict; read via .rope_scaling
   xpos_scale_base: float = 512.0
   xpos_gamma: float = 0.4
-  # Attention: implementation (ctxjax.attention.IMPLEMENTATIONS) and pattern.
-  attention_impl: str = "reference"
+  # Attention: implementation (ctxjax.attention.IMPLEMENTATIONS) and pattern. "auto" = the
+  # fastest exact kernel for each call (blockwise on CPU, cuDNN on GPU, splash on TPU);
+  # "reference" is the dense definition the others are tested against.
+  attention_impl: str = "auto"
   attention_pattern: Pattern = dataclasses.field(default_factory=lambda: make_pattern("causal"))
   # How q/k/v become output: ctxjax.model.attention_modes.MODES (standard, s2, dilated,
   # lm_infinite), with that mode's options.
