@@ -1,7 +1,8 @@
 """Training throughput of configs/tiny.py on this machine, against a matmul peak and (optionally)
 Hugging Face's LlamaForCausalLM (PyTorch) trained on the same shapes, all in the same run.
 
-  python benchmarks/throughput.py                      # T=256 and T=1024, reference + blockwise
+  python benchmarks/throughput.py                      # T=256 and T=1024, the default kernel (auto)
+  python benchmarks/throughput.py --impls=auto,reference,blockwise   # every CPU kernel
   python benchmarks/throughput.py --seq_lens=256 --impls=reference --no_hf
   python benchmarks/throughput.py --impls=auto --repeats=3   # 3 fresh processes, median ratio
 
@@ -149,7 +150,8 @@ def measure_ctxjax(args) -> dict:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--seq_lens", default="256,1024")
-  parser.add_argument("--impls", default="reference,blockwise")
+  parser.add_argument("--impls", default="auto",
+                      help="comma-separated model.attention_impl values; auto = what users get")
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--no_hf", action="store_true")
   parser.add_argument("--repeats", type=int, default=1,
