@@ -2,9 +2,10 @@
 # bundled demo corpus (Python stdlib code, Perl/vim docs, licences; built on first use).
 #
 # COMMAND:   python -m ctxjax.train --config=configs/tiny.py --workdir=runs/tiny
-# HARDWARE:  2 CPU cores, ~3 minutes (the first run also builds the corpus and tokenizer, ~10 s).
-# EXPECTED:  measured 2026-11-22 (fresh venv, 2-core CPU): eval_loss 4.97 nats/token vs the
-#            corpus unigram entropy 5.96 (perplexity 145 vs 386), ~2.5K tokens/s.
+# HARDWARE:  2 CPU cores, ~2-3 minutes (the first run also builds the corpus and tokenizer, ~10 s).
+# EXPECTED:  measured 2026-12-06 (2-core AMD EPYC, Zen 4): eval_loss 4.951 nats/token vs the
+#            corpus unigram entropy 5.955 (perplexity 141 vs 386), median 5,021 tokens/s, 2 min
+#            17 s (2026-11-22 on a slower 2-core EPYC: eval_loss 4.97, ~2.5K tokens/s).
 # Override anything: --config.model.rope_theta=5e5 --config.data.seq_len=512 ...
 import ml_collections
 
