@@ -256,3 +256,38 @@ def test_too_big_for_the_chip_is_refused(libtpu):
   code, [message] = aot.verdict([r])
   assert code == 1 and "does not fit v5e-4 (v5e:2x2, 4 chips)" in message
   assert "DOES NOT FIT" in aot.format_report(r)
+
+
+@needs_libtpu
+@pytest.mark.parametrize("kind", ["full", "causal"])
+def test_splash_compiles_under_a_tpu_mesh(libtpu, monkeypatch, kind):
+  """XLA does not partition a Mosaic kernel ("Mosaic kernels cannot be automatically
+  partitioned"): splash runs per device in a shard_map, rows over `data` and kv heads over
+  `tensor`. Its gradient compiles for 4 v5p chips, the kernel kept as a TPU custom call."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import numpy as np  # noqa: PLC0415
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: PLC0415
+  from ctxjax.attention import fused, make_pattern  # noqa: PLC0415
+  monkeypatch.setattr(fused, "_backend", lambda: "tpu")
+  mesh = Mesh(np.array(topo.topology_devices(topo.parse_topology("v5p-8"))).reshape(2, 2),
+              ("data", "tensor"))
+  batch, length, heads, kv_heads, head_dim = 4, 512, 8, 4, 128
+
+  def loss(q, k, v, pos, seg):
+    out = fused.splash_attention(q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg,
+                                 k_segment_ids=seg, pattern=make_pattern(kind),
+                                 contiguous_positions=True)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  qkv = NamedSharding(mesh, P("data", None, "tensor", None))
+  rows = NamedSharding(mesh, P("data", None))
+  args = [jax.ShapeDtypeStruct((batch, length, n, head_dim), jnp.bfloat16, sharding=qkv)
+          for n in (heads, kv_heads, kv_heads)]
+  args += [jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=rows)] * 2
+  # The abstract mesh, as ctxjax.aot traces: eager ops under the concrete one would try to run
+  # on the (absent) TPU devices.
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args)
+  hlo = lowered.compile().as_text()
+  assert 'custom_call_target="tpu_custom_call"' in hlo

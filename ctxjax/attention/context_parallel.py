@@ -101,7 +101,8 @@ def all_gather_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_
 # shard_map wrapper and the attend registry
 # ----------------------------------------------------------------------------------------------
 
-def _current_mesh():
+def current_mesh():
+  """The mesh of the current context (jax.set_mesh), abstract or concrete; may be empty."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty:
     try:
@@ -174,7 +175,7 @@ def context_parallel_attend(q, k, v, *, q_positions, k_positions, q_segment_ids,
   `reorder_for_context_parallel`); the output is in the same layout.
   """
   strategy_kernel = STRATEGIES.get(strategy)
-  mesh = _current_mesh() if mesh is None else mesh
+  mesh = current_mesh() if mesh is None else mesh
   names = tuple(getattr(mesh, "axis_names", ()) or ())
   if mesh is None or getattr(mesh, "empty", False) or axis_name not in names:
     raise ValueError(f"context-parallel attention ({strategy}) needs mesh axis {axis_name!r}, "

@@ -21,7 +21,9 @@ computes exactly what `reference` computes for the given call on the current bac
             lambda, attention_sinks, block_causal  never (their masks read absolute positions);
           and only for self-attention (one segment-id array — and for causal/sliding_window one
           position array — passed as both queries' and keys'), so that every row sees a key. No
-          ALiBi. `CTXJAX_SPLASH_INTERPRET=1` runs the Pallas interpreter on CPU (tests).
+          ALiBi. Under a mesh (jax.set_mesh) it runs per device in a shard_map (rows and kv
+          heads split, the sequence whole), since XLA does not partition a Mosaic kernel.
+          `CTXJAX_SPLASH_INTERPRET=1` runs the Pallas interpreter on CPU (tests).
   auto    TPU: splash if it is exact for the call; GPU: cudnn likewise; else blockwise (exact
           for any positions). `select_kernel` is the decision, by the static facts of the call.
 A forced kernel that cannot compute the call exactly raises a one-line ValueError naming the
@@ -34,8 +36,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from ctxjax.attention import blockwise
+from ctxjax.attention import blockwise, context_parallel
 from ctxjax.attention.api import register_implementation
 from ctxjax.attention.reference import visibility_and_alibi
 
@@ -186,9 +189,31 @@ def splash_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segm
   def one(q_GTD, k_SD, v_SD, q_seg, k_seg):
     return kernel(q_GTD, k_SD, v_SD, segment_ids=sk.SegmentIds(q=q_seg, kv=k_seg))
 
-  per_kv = jax.vmap(one, in_axes=(0, 0, 0, None, None))           # over kv heads
-  out = jax.vmap(per_kv)(q_BKGTD, k_BKSD, v_BKSD, q_segment_ids, k_segment_ids)  # over batch
+  def local(q_BKGTD, k_BKSD, v_BKSD, q_seg, k_seg):  # one device's rows and kv heads
+    per_kv = jax.vmap(one, in_axes=(0, 0, 0, None, None))          # over kv heads
+    return jax.vmap(per_kv)(q_BKGTD, k_BKSD, v_BKSD, q_seg, k_seg)  # over batch
+
+  out = _per_device(local, q_BKGTD, k_BKSD, v_BKSD, q_segment_ids, k_segment_ids)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+def _per_device(local, q_BKGTD, k_BKSD, v_BKSD, q_seg, k_seg):
+  """`local` on each device's rows and kv heads under the current mesh (jax.set_mesh). XLA does
+  not partition a Mosaic kernel (lowering one under a sharded jit fails: "Mosaic kernels cannot
+  be automatically partitioned"), so it runs in a shard_map: rows over the mesh axes that divide
+  the batch, kv heads over the HEAD_AXES that divide them, the sequence whole on each device
+  (context_parallel.default_spec's rule without a sequence axis)."""
+  mesh = context_parallel.current_mesh()
+  if (mesh is None or getattr(mesh, "empty", True) or mesh.size == 1
+      or getattr(mesh, "manual_axes", ())):  # no mesh, one device, or already per device
+    return local(q_BKGTD, k_BKSD, v_BKSD, q_seg, k_seg)
+  batch, num_kv, group, q_len, head_dim = q_BKGTD.shape
+  spec = context_parallel.default_spec(mesh, (batch, q_len, num_kv * group, head_dim),
+                                       (batch, k_BKSD.shape[2], num_kv, head_dim), axis_name=None)
+  qkv, rows = P(spec[0], spec[2]), P(spec[0])  # [B, K, ...] and [B, T]
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(qkv, qkv, qkv, rows, rows), out_specs=qkv,
+                     check_vma=False)
+  return fn(q_BKGTD, k_BKSD, v_BKSD, q_seg, k_seg)
 
 
 def select_kernel(q, k, *, contiguous_positions=False, **kwargs) -> str:
