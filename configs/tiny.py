@@ -28,7 +28,7 @@ def get_model_config():
       rope_scaling=None,
       xpos_scale_base=512.0,
       xpos_gamma=0.4,
-      attention_impl="auto",         # blockwise on CPU and TPU, cuDNN on GPU (attention/fused.py)
+      attention_impl="auto",         # blockwise on CPU, cuDNN on GPU, splash on TPU (docs/pods.md)
       attention_pattern=dict(kind="causal"),
       attention_mode="standard",     # standard | s2 | dilated | lm_infinite
       attention_options={},          # the mode's options (configs/tiny_attention.py)

@@ -20,11 +20,13 @@ CPU mode (`--devices=cpu:N`): N fake CPU devices with the recipe's mesh — a sh
 consistency check for GPU recipes; the memory figures are XLA:CPU's buffer assignment, shown
 against the H100's 80 GB as an indication only (GPU fusion and buffers differ), never a verdict.
 
-Kernels: `attention_impl="auto"` resolves on the HOST's backend, so TPU mode compiles the
-blockwise XLA kernel; a TPU run picks splash only where its index-built masks equal the
-position rule (the `full` pattern, or a caller that vouches for contiguous positions;
-ctxjax/attention/fused.py), and blockwise otherwise. Context parallelism ("ring"/"all_gather")
-is the same code on every backend.
+Kernels: TPU mode chooses kernels as a TPU run does (`fused.kernels_for("tpu")`):
+`attention_impl="auto"` compiles splash (Pallas) where its index-built masks equal the
+position rule — causal / sliding-window training on packed data, whose positions the train
+step vouches for — and blockwise otherwise (ctxjax/attention/fused.py). Splash's Mosaic
+kernels carry no cost in the HLO: the roofline counts them and says it leaves them out. CPU
+mode keeps the host's choice (blockwise: the cuDNN call does not lower on CPU). Context
+parallelism ("ring"/"all_gather") is the same code on every backend.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ class Target:
   devices: list
   chip: topo.ChipSpec
   memory_verdict: bool     # False on fake CPU devices: XLA:CPU's buffers are not the GPU's
+  kernel_platform: str | None = None  # `auto` chooses kernels for it (None: the host's backend)
 
 
 def parse_devices(spec: str) -> int:
@@ -82,7 +85,7 @@ def parse_devices(spec: str) -> int:
 def tpu_target(name: str) -> Target:
   t = topo.parse_topology(name)
   label = f"{t.name} ({t.libtpu_topology}, {t.num_chips} chips)"
-  return Target(label, topo.topology_devices(t), t.chip, True)
+  return Target(label, topo.topology_devices(t), t.chip, True, kernel_platform="tpu")
 
 
 def cpu_target(count: int) -> Target:
@@ -153,8 +156,10 @@ def check_stage(cfg, stage, target: Target, mfu: float, hlo_dir: str | None = No
   """Lower and compile stage `stage` of `cfg` (a RunConfig) for `target`; the report."""
   from ctxjax.model.flops import param_count, train_flops_per_token
 
+  from ctxjax.attention import fused
   start = time.perf_counter()
-  lowered, model_cfg, mesh = lower_stage(cfg, stage, target.devices)
+  with fused.kernels_for(target.kernel_platform):  # e.g. splash where a TPU run picks it
+    lowered, model_cfg, mesh = lower_stage(cfg, stage, target.devices)
   lower_sec = time.perf_counter() - start
   try:
     compiled, compile_error = lowered.compile(), None
@@ -267,6 +272,10 @@ def format_prediction(r: dict) -> list[str]:
            f"{p['serial_sec']:.3g} s) -> MFU {p['mfu']:.3f}, "
            f"{r['tokens_per_step'] / p['step_sec']:,.0f} tokens/s; {r['steps']} steps = "
            f"{p['step_sec'] * r['steps'] / 3600:.3g} h"]
+  if p.get("kernel_calls"):
+    lines.append(f"  kernels   {p['kernel_calls']:,.0f} Mosaic kernel calls per step (splash "
+                 f"attention) carry no cost in the HLO and are left out of these terms: the "
+                 f"prediction is short by their time")
   for key, c in list(p["comm"].items())[:4]:
     lines.append(f"  comm      {key}: {c['count']:,.0f} x, {c['bytes'] / GiB:.2f} GiB, "
                  f"{c['seconds']:.3g} s")

@@ -53,10 +53,10 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> dict:
   out["position_embedding_type"] = "rope"
   out["rope_theta"], out["rope_scaling"] = rope_from_hf(hf, out["max_position_embeddings"])
   out["attention_pattern"] = {"kind": "causal"}
-  # The fastest kernel that computes the reference's result (cuDNN on GPU, else blockwise;
-  # also ModelConfig's default), as transformers picks sdpa: the dense reference holds a
-  # [T, T] score matrix per head; with it a 4K prefill took 3.7 s against transformers' 0.49 s,
-  # with blockwise 0.56 s (benchmarks/README.md, "Decoding"). A config can name any kernel.
+  # The fastest kernel that computes the reference's result (blockwise on CPU, cuDNN on GPU,
+  # splash on TPU; also ModelConfig's default), as transformers picks sdpa: the dense
+  # reference holds a [T, T] score matrix per head; with it a 4K prefill took 3.7 s against
+  # transformers' 0.49 s, with blockwise 0.56 s (benchmarks/README.md, "Decoding").
   out["attention_impl"] = "auto"
   dtype = hf.get("dtype") or hf.get("torch_dtype")
   if dtype not in (None, "auto"):

@@ -70,6 +70,7 @@ class ProgramCosts:
   # ^ (matmul FLOPs, HBM bytes, executions) of every instruction that runs outside a fusion
   loops: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (while, trip count)
   dynamic_loops: int = 0     # data-dependent trip counts, taken as the enclosing loop's
+  kernel_calls: float = 0.0  # executions of Mosaic (Pallas) kernels: no FLOPs / bytes in the HLO
 
 
 def dot_flops(instr: Instr, shapes: dict[str, str]) -> float:
@@ -240,6 +241,9 @@ def program_costs(hlo_text: str, causal_visits: bool = False) -> ProgramCosts:
       op = instr.opcode
       if op in COLLECTIVES:
         collective(instr, times)
+      elif op == "custom-call" and "tpu_custom_call" in (
+          attr(instr.attrs, "custom_call_target") or ""):
+        costs.kernel_calls += times
       elif op not in NO_TRAFFIC:
         flops = own_flops(instr)
         fused = called(instr.attrs, "calls") if op == "fusion" else []

@@ -291,3 +291,21 @@ def test_splash_compiles_under_a_tpu_mesh(libtpu, monkeypatch, kind):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args)
   hlo = lowered.compile().as_text()
   assert 'custom_call_target="tpu_custom_call"' in hlo
+
+
+@needs_libtpu
+def test_tpu_compile_runs_the_kernel_a_tpu_picks(libtpu):
+  """Packed training at T=256 on a TPU: `auto` compiles splash (the step vouches for packed
+  positions), per device under the fsdp mesh; the roofline counts its kernel calls and says it
+  leaves them out (Mosaic kernels carry no cost in the HLO)."""
+  config = _tiny_config()
+  config.mesh.update(ici_fsdp=4, ici_context=1)
+  config.data.update(seq_len=256, batch_size=4)
+  [r] = aot.run(config, topology="v5p-8", devices=None, stage=None, mfu=0.5)
+  assert r["fits"] is True and r["attention_impl"] == "auto"
+  assert r["predicted"]["kernel_calls"] > 0
+  assert "Mosaic kernel calls per step" in aot.format_report(r)
+  config.data.position_ids = "pose"  # positions the step cannot vouch for: blockwise
+  config.data.max_position_id = 1024
+  [r] = aot.run(config, topology="v5p-8", devices=None, stage=None, mfu=0.5)
+  assert r["predicted"]["kernel_calls"] == 0

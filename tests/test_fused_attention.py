@@ -329,3 +329,55 @@ def test_splash_runs_per_device_on_a_mesh_and_equals_reference():
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("MAXDIFF")][-1].split()
   assert float(line[1]) < 1e-4 and line[3] == "True", line  # exact, and run in a shard_map
+
+
+# ---------------------------------------------------------------------------------------------
+# The model's promise: packed positions step by 1 within each segment (attend's
+# contiguous_positions), checked on the device.
+# ---------------------------------------------------------------------------------------------
+
+def _rows(pos, seg):
+  return jnp.asarray(pos, jnp.int32)[None], jnp.asarray(seg, jnp.int32)[None]
+
+
+@pytest.mark.parametrize("pos, seg, contiguous", [
+    ([0, 1, 2, 3, 4, 5], [1, 1, 1, 1, 1, 1], True),
+    ([7, 8, 0, 1, 2, 0], [1, 1, 2, 2, 2, 3], True),    # packed: restarts, a continued document
+    ([0, 1, 2, 3, 4, 5], [1, 1, 2, 2, 3, 3], True),    # continuous positions over documents
+    ([0, 1, 0, 1, 0, 0], [1, 1, 2, 2, 0, 0], False),   # padding at position 0
+    ([0, 1, 5, 6, 7, 8], [1, 1, 1, 1, 1, 1], False),   # PoSE's skip
+    ([5, 6, 0, 1, 0, 1], [1, 1, 2, 2, 1, 1], False),   # segment 1 comes back: 0 < 6 by position
+    ([0, 1, 0, 1, 2, 3], [1, 1, 2, 2, 1, 1], False),   # ... even where each run steps by 1
+])
+def test_contiguous_by_segment(pos, seg, contiguous):
+  assert bool(fused.contiguous_by_segment(*_rows(pos, seg))) is contiguous
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["causal", "sliding_window"])
+def test_vouched_auto_runs_splash_on_tpu_and_poisons_a_broken_promise(monkeypatch, kind):
+  """attend(impl="auto", contiguous_positions=True) posing as a TPU: splash (Pallas
+  interpreter) equal to the reference for packed rows, gradients included; for PoSE rows the
+  promise is false and every output is NaN, never a silently different attention."""
+  monkeypatch.setattr(fused, "_backend", lambda: "tpu")
+  monkeypatch.setenv("CTXJAX_SPLASH_INTERPRET", "1")
+  ran = []
+  real = fused.splash_attention
+  monkeypatch.setattr(fused, "splash_attention", lambda *a, **kw: ran.append(1) or real(*a, **kw))
+  vouched = functools.partial(attend, impl="auto", contiguous_positions=True)
+  _assert_equal(_run(vouched, "packed", kind, grads=True),
+                _reference("packed", kind, grads=True))
+  assert ran  # splash, not blockwise
+  broken, _ = _run(vouched, "pose", kind)
+  assert bool(jnp.all(jnp.isnan(broken)))
+
+
+def test_the_promise_reaches_only_kernels_that_take_it():
+  """Every other kernel ignores contiguous_positions (they are exact for any positions)."""
+  q, k, v = _qkv(jnp.float32)
+  pos, seg = _positions("packed")
+  for impl in ("reference", "blockwise", "xla"):
+    out = attend(q, k, v, q_positions=pos, k_positions=pos, q_segment_ids=seg,
+                 k_segment_ids=seg, pattern=make_pattern("causal"), impl=impl,
+                 contiguous_positions=True)
+    _assert_equal((out, None), _reference("packed", "causal"))

@@ -264,3 +264,31 @@ def test_default_kernel_is_auto_in_every_mode(tiny_model_dict, name):
 def test_bad_attention_modes_name_the_key(tiny_model_dict, overrides, key):
   with pytest.raises(ValueError, match=key):
     model_config_from_dict({**tiny_model_dict, **overrides})
+
+
+@pytest.mark.parametrize("position_ids, promised", [
+    ("data", True), ("pose", False), ("randomized", False)])
+def test_packed_training_vouches_for_its_positions(monkeypatch, tiny_model_dict, position_ids,
+                                                    promised):
+  """The train step promises `attend` contiguous positions (what lets `auto` run splash on a
+  TPU) for packed data only, never for PoSE / randomized ids; a model called without
+  positions makes contiguous ones itself."""
+  import optax  # noqa: PLC0415
+  from ctxjax import attention  # noqa: PLC0415
+  from ctxjax.train.step import init_state, make_train_step  # noqa: PLC0415
+  model = Transformer(model_config_from_dict(tiny_model_dict))
+  tx = optax.adamw(1e-3)
+  state, _ = init_state(model, tx, jax.random.PRNGKey(0), 2, 16)
+  seen, real = [], attention.attend
+  monkeypatch.setattr(attention, "attend",
+                      lambda *a, **kw: seen.append(kw["contiguous_positions"]) or real(*a, **kw))
+  tokens = np.arange(32, dtype=np.int32).reshape(2, 16) % 64
+  batch = {"inputs": tokens, "targets": tokens, "segment_ids": np.ones_like(tokens),
+           "positions": np.broadcast_to(np.arange(16, dtype=np.int32), (2, 16)),
+           "loss_mask": np.ones(tokens.shape, np.float32)}
+  make_train_step(model, tx, dict(position_ids=position_ids, max_position_id=64)).lower(
+      state, batch)
+  assert seen and set(seen) == {promised}
+  seen.clear()
+  jax.eval_shape(lambda p: model.apply({"params": p}, tokens), state.params)
+  assert seen and set(seen) == {True}

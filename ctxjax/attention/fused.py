@@ -31,6 +31,7 @@ reason and the alternative.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -47,9 +48,27 @@ _SPLASH_BY_INDEX = ("causal", "sliding_window")   # masks that read positions vi
 _SPLASH_PATTERNS = ("full",) + _SPLASH_BY_INDEX
 
 
+_POSED_PLATFORMS: list[str] = []
+
+
 def _backend() -> str:
-  """The platform kernels are chosen for (one function, so tests can pose as a GPU or TPU)."""
-  return jax.default_backend()
+  """The platform kernels are chosen for (one function, so tests can pose as a GPU or TPU):
+  this process's backend, or the one `kernels_for` names."""
+  return _POSED_PLATFORMS[-1] if _POSED_PLATFORMS else jax.default_backend()
+
+
+@contextlib.contextmanager
+def kernels_for(platform: str | None):
+  """Choose kernels for `platform` ("tpu", ...) while tracing: ctxjax.aot compiles a TPU
+  program on a CPU host, and must compile the kernels a TPU run picks. None: no change."""
+  if platform is None:
+    yield
+    return
+  _POSED_PLATFORMS.append(platform)
+  try:
+    yield
+  finally:
+    _POSED_PLATFORMS.pop()
 
 
 def _mask_and_bias(q_positions, k_positions, q_segment_ids, k_segment_ids, pattern, alibi_slopes,
@@ -140,7 +159,6 @@ def splash_unsupported(q, k, *, q_positions, k_positions, q_segment_ids, k_segme
   return None
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(kind: str, window: int | None, group: int, q_len: int, kv_len: int,
                    interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -157,12 +175,12 @@ def _splash_kernel(kind: str, window: int | None, group: int, q_len: int, kv_len
       block_q_dkv=_SPLASH_BLOCK, block_kv_dkv=_SPLASH_BLOCK,
       block_kv_dkv_compute=_SPLASH_BLOCK, block_q_dq=_SPLASH_BLOCK, block_kv_dq=_SPLASH_BLOCK)
   # One kv head serves `group` query heads: the MQA form of splash, vmapped over kv heads.
-  # Built eagerly even when first asked for inside a jit trace: the kernel holds its mask
-  # metadata as arrays, and a cached kernel holding one trace's tracers would leak them into
-  # the next trace (UnexpectedTracerError).
-  with jax.ensure_compile_time_eval():
-    return sk.make_splash_mqa(sm.MultiHeadMask([mask] * group), block_sizes=block,
-                              head_shards=1, q_seq_shards=1, interpret=interpret)
+  # Built afresh in every trace that calls it (its mask tables are numpy work, cached by
+  # splash itself): the kernel holds its mask metadata as arrays, and a kernel kept across
+  # traces leaked one trace's values into the next (UnexpectedTracerError under a scanned,
+  # differentiated layer), even built under jax.ensure_compile_time_eval.
+  return sk.make_splash_mqa(sm.MultiHeadMask([mask] * group), block_sizes=block,
+                            head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 @register_implementation("splash")
@@ -228,12 +246,37 @@ def select_kernel(q, k, *, contiguous_positions=False, **kwargs) -> str:
   return "blockwise"
 
 
+def contiguous_by_segment(positions_BT, segment_ids_BT) -> jax.Array:
+  """bool scalar: in every row, position - token index is one constant per segment id, so a
+  causal or sliding-window mask built from token indices (splash's) equals the position rule.
+  Checked as: a token and its same-segment neighbour differ by exactly 1 in position, and each
+  segment id forms one run (runs along the row == distinct ids, counted after a sort). Packed
+  rows (positions per document, or 0..T-1) pass; PoSE / randomized positions, padding at
+  position 0 and a segment id that comes back later in the row do not."""
+  pos, seg = positions_BT, segment_ids_BT
+  same = seg[:, 1:] == seg[:, :-1]
+  steps_by_one = jnp.all(~same | (pos[:, 1:] == pos[:, :-1] + 1))
+  runs = 1 + jnp.sum(~same, axis=1)
+  ordered = jnp.sort(seg, axis=1)
+  distinct = 1 + jnp.sum(ordered[:, 1:] != ordered[:, :-1], axis=1)
+  return steps_by_one & jnp.all(runs == distinct)
+
+
 @register_implementation("auto")
 def auto_attention(q, k, v, *, contiguous_positions=False, **kwargs):
-  """The fastest kernel that computes exactly the reference's result for this call."""
+  """The fastest kernel that computes exactly the reference's result for this call.
+
+  contiguous_positions=True (the model's training step vouches for packed data: see
+  `attend`) lets a TPU run splash for causal / sliding-window patterns; the promise is checked
+  on the device (`contiguous_by_segment`) and a batch that breaks it gets NaN outputs, never
+  a silently different attention."""
   choice = select_kernel(q, k, contiguous_positions=contiguous_positions, **kwargs)
   if choice == "splash":
-    return splash_attention(q, k, v, contiguous_positions=contiguous_positions, **kwargs)
+    out = splash_attention(q, k, v, contiguous_positions=contiguous_positions, **kwargs)
+    if contiguous_positions and kwargs["pattern"].kind in _SPLASH_BY_INDEX:
+      kept = contiguous_by_segment(kwargs["q_positions"], kwargs["q_segment_ids"])
+      out = jnp.where(kept, out, jnp.nan).astype(out.dtype)
+    return out
   if choice == "cudnn":
     return cudnn_attention(q, k, v, **kwargs)
   return blockwise.blockwise_attention(q, k, v, **kwargs)

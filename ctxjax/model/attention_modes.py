@@ -37,6 +37,7 @@ class Mode:
   run: Callable       # (cfg, scheme, q, k, v, positions, segment_ids, training) -> out
   options: dict       # option -> type, all required
   kernels: tuple = ("reference", "blockwise", "xla", "auto")
+  takes_contiguous_positions: bool = False  # run(..., contiguous_positions=): see `run_mode`
   needs_rotary: bool = False
   allows_alibi: bool = True
 
@@ -54,18 +55,20 @@ def _rotated(cfg, scheme, q, k, positions):
   return scheme.rotate_qk(cfg, q, k, positions, positions)
 
 
-def _standard(cfg, scheme, q, k, v, positions, segment_ids, training):
+def _standard(cfg, scheme, q, k, v, positions, segment_ids, training,
+              contiguous_positions=False):
   q, k = _rotated(cfg, scheme, q, k, positions)
   return attention.attend(q, k, v, q_positions=positions, k_positions=positions,
                           q_segment_ids=segment_ids, k_segment_ids=segment_ids,
                           pattern=cfg.attention_pattern,
                           alibi_slopes=scheme.alibi_slopes(cfg.num_attention_heads),
-                          impl=cfg.attention_impl)
+                          impl=cfg.attention_impl, contiguous_positions=contiguous_positions)
 
 
-def _s2(cfg, scheme, q, k, v, positions, segment_ids, training):
+def _s2(cfg, scheme, q, k, v, positions, segment_ids, training, contiguous_positions=False):
   if not training:  # LongLoRA: S2 is a training-time approximation; inference is full attention
-    return _standard(cfg, scheme, q, k, v, positions, segment_ids, training)
+    return _standard(cfg, scheme, q, k, v, positions, segment_ids, training,
+                     contiguous_positions)
   q, k = _rotated(cfg, scheme, q, k, positions)
   return s2_attention(q, k, v, positions=positions, segment_ids=segment_ids,
                       group_size=cfg.attention_options["group_size"], impl=cfg.attention_impl,
@@ -88,9 +91,11 @@ def _lm_infinite(cfg, scheme, q, k, v, positions, segment_ids, training):
                                impl=cfg.attention_impl)
 
 
-register_mode(Mode("standard", _standard, {}, kernels=()))  # every registered kernel
+register_mode(Mode("standard", _standard, {}, kernels=(),  # every registered kernel
+                   takes_contiguous_positions=True))
 register_mode(Mode("s2", _s2, {"group_size": int},
-                   kernels=("reference", "blockwise", "xla", "auto", "ring", "all_gather")))
+                   kernels=("reference", "blockwise", "xla", "auto", "ring", "all_gather"),
+                   takes_contiguous_positions=True))
 register_mode(Mode("dilated", _dilated, {"segment_lengths": tuple, "dilation_rates": tuple},
                    kernels=("reference", "blockwise", "auto"), allows_alibi=False))
 register_mode(Mode("lm_infinite", _lm_infinite, {"n_global": int, "n_local": int},
@@ -98,6 +103,16 @@ register_mode(Mode("lm_infinite", _lm_infinite, {"n_global": int, "n_local": int
                    allows_alibi=False))
 register_mode(Mode("landmark", landmark_mode.run, landmark_mode.OPTIONS,
                    kernels=landmark_mode.KERNELS, allows_alibi=False))
+
+
+def run_mode(cfg, scheme, q, k, v, positions, segment_ids, training, *,
+             contiguous_positions: bool = False):
+  """cfg.attention_mode's output. contiguous_positions: the caller's promise that positions step
+  by 1 within each segment (`ctxjax.attention.attend`), handed to the modes that can use it."""
+  mode = MODES[cfg.attention_mode]
+  promise = ({"contiguous_positions": contiguous_positions}
+             if mode.takes_contiguous_positions else {})
+  return mode.run(cfg, scheme, q, k, v, positions, segment_ids, training, **promise)
 
 
 def validate_mode(name: str, options: dict, *, impl: str, scheme) -> dict:

@@ -62,9 +62,9 @@ class ModelConfig:
   xpos_scale_base: float = 512.0
   xpos_gamma: float = 0.4
   # Attention: implementation (ctxjax.attention.IMPLEMENTATIONS) and pattern. "auto" = the
-  # fastest exact kernel for each call (cuDNN on GPU, else blockwise; splash on TPU only for
-  # calls that vouch for contiguous positions, which the model's do not: attention/fused.py);
-  # "reference" is the dense definition the others are tested against.
+  # fastest exact kernel for each call (blockwise on CPU, cuDNN on GPU, splash on TPU for
+  # packed training data: docs/pods.md); "reference" is the dense definition the others are
+  # tested against.
   attention_impl: str = "auto"
   attention_pattern: Pattern = dataclasses.field(default_factory=lambda: make_pattern("causal"))
   # How q/k/v become output: ctxjax.model.attention_modes.MODES (standard, s2, dilated,

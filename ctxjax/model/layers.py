@@ -113,11 +113,14 @@ class Attention(nn.Module):
   kernel come from the config's registries. With a layer cache `kv` = (k, v) and the call's
   `plan` (kv_cache.py) it also returns the updated (k, v). `memory`: a memory layer
   (memory_layer.py; `source_kv` = the keys/values its memory stores, default its own);
-  `return_kv`: also return this layer's unrotated (k, v) (LongMem's memory source)."""
+  `return_kv`: also return this layer's unrotated (k, v) (LongMem's memory source);
+  `contiguous_positions`: the caller vouches that positions step by 1 within each segment
+  (`ctxjax.attention.attend`; lets `auto` run splash on a TPU)."""
   cfg: ModelConfig
   training: bool = False
   memory: bool = False
   return_kv: bool = False
+  contiguous_positions: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None, source_kv=None):
@@ -138,9 +141,9 @@ class Attention(nn.Module):
                                                positions_BT, segment_ids_BT, self.training,
                                                source_kv)
     elif kv is None:
-      mode = attention_modes.MODES[cfg.attention_mode]
-      out_BTHD = mode.run(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT,
-                          self.training)
+      out_BTHD = attention_modes.run_mode(cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT,
+                                          segment_ids_BT, self.training,
+                                          contiguous_positions=self.contiguous_positions)
     else:
       out_BTHD, *kv = cached_attention.cached_attention(
           cfg, scheme, q_BTHD, k_BTKD, v_BTKD, positions_BT, segment_ids_BT, *kv, plan)
@@ -158,17 +161,20 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
   """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)). With a layer cache
-  (kv, plan) it returns (x, updated kv); with `return_kv`, (x, its attention's (k, v))."""
+  (kv, plan) it returns (x, updated kv); with `return_kv`, (x, its attention's (k, v));
+  `contiguous_positions`: see Attention."""
   cfg: ModelConfig
   training: bool = False
   memory: bool = False
   return_kv: bool = False
+  contiguous_positions: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None, source_kv=None):
     x_BTE = nn.with_logical_constraint(x_BTE, ("batch", "length", "embed"))
     h = RMSNorm(self.cfg, name="input_layernorm")(x_BTE)
-    attn = Attention(self.cfg, self.training, self.memory, self.return_kv, name="self_attn")(
+    attn = Attention(self.cfg, self.training, self.memory, self.return_kv,
+                     self.contiguous_positions, name="self_attn")(
         h, positions_BT, segment_ids_BT, kv, plan, source_kv)
     attn, kv = (attn, None) if kv is None and not self.return_kv else attn
     x_BTE = x_BTE + attn

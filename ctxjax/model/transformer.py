@@ -31,11 +31,12 @@ class _ScanBlock(nn.Module):
   """Adapter giving Block the (carry, x) -> (carry, y) signature nn.scan wants."""
   cfg: ModelConfig
   training: bool = False
+  contiguous_positions: bool = False
 
   @nn.compact
   def __call__(self, x_BTE, positions_BT, segment_ids_BT, kv=None, plan=None):
-    out = Block(self.cfg, self.training, name="layer")(x_BTE, positions_BT, segment_ids_BT, kv,
-                                                         plan)
+    out = Block(self.cfg, self.training, contiguous_positions=self.contiguous_positions,
+                name="layer")(x_BTE, positions_BT, segment_ids_BT, kv, plan)
     return (out, None) if kv is None else out
 
 
@@ -75,13 +76,17 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BT, positions_BT=None, segment_ids_BT=None, *, train: bool = False,
-               cache: kv_cache.KVCache | None = None):
+               cache: kv_cache.KVCache | None = None, positions_contiguous: bool = False):
     """train=True selects training-only behaviour (LongLoRA's S2-Attn). With `cache`, returns
-    (logits, cache): several tokens prefill an empty cache, one token per row decodes."""
+    (logits, cache): several tokens prefill an empty cache, one token per row decodes.
+    positions_contiguous: the caller vouches that positions step by 1 within each segment, as
+    packing makes them (`ctxjax.attention.attend`: lets `auto` run splash attention on a TPU;
+    a batch that breaks the promise gets NaN outputs there). Implied without positions_BT."""
     cfg = self.cfg
     batch, length = tokens_BT.shape
     if positions_BT is None:
       positions_BT = contiguous_positions(batch, length)
+      positions_contiguous = True
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((batch, length), jnp.int32)
     _check_inputs(cfg, tokens_BT, positions_BT)
@@ -119,10 +124,12 @@ class Transformer(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                       in_axes=(nn.broadcast, nn.broadcast), length=cfg.num_hidden_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BTE, _ = stack(cfg, train, name="layers")(x_BTE, positions_BT, segment_ids_BT)
+      x_BTE, _ = stack(cfg, train, contiguous_positions=positions_contiguous, name="layers")(
+          x_BTE, positions_BT, segment_ids_BT)
     else:
       for i in range(cfg.num_hidden_layers):
-        x_BTE = block(cfg, train, name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
+        x_BTE = block(cfg, train, contiguous_positions=positions_contiguous,
+                      name=f"layers_{i}")(x_BTE, positions_BT, segment_ids_BT)
 
     return self._head(embed, x_BTE)
 

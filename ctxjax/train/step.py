@@ -124,10 +124,15 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
   data_cfg = coerce(DataConfig, data_cfg, "data")  # a DataConfig, or (library use) a mapping
 
+  # Packed positions step by 1 within each segment: the model may use kernels that build masks
+  # from token indices (splash on TPU), which check the promise on the device.
+  vouched = data_cfg.position_ids == "data"
+
   def nll_sum_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])
     logits = model.apply({"params": params}, batch["inputs"], positions, batch["segment_ids"],
-                         train=True, rngs={"dropout": jax.random.fold_in(rng, 1)})
+                         train=True, positions_contiguous=vouched,
+                         rngs={"dropout": jax.random.fold_in(rng, 1)})
     loss, tokens = cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return loss * tokens, tokens
 

@@ -37,6 +37,17 @@ from ctxjax.train.optim import make_optimizer
 from ctxjax.train.step import init_state, make_eval_step, make_train_step
 
 
+def _splash_hint(run) -> str:
+  """Why a loss may be NaN on a TPU: `auto` runs splash for packed data and gives NaN outputs for
+  a batch whose positions do not step by 1 within each segment (attention/fused.py)."""
+  if jax.default_backend() != "tpu" or run.model_cfg.attention_impl != "auto" or (
+      run.data_cfg.position_ids != "data"):
+    return ""
+  return (" (on a TPU, model.attention_impl=auto runs splash attention on packed data and "
+          "gives NaN for a batch whose positions do not step by 1 within each segment: check "
+          "the data source's positions, or set --config.model.attention_impl=blockwise)")
+
+
 def _check_position_range(data: DataConfig, seq_len: int, model_cfg):
   """Absolute tables have max_position_embeddings rows: refuse, before compiling, a run whose
   positions would index past them (inside jit the model cannot check values)."""
@@ -85,6 +96,7 @@ class _Run:
     if jax.process_index() == 0 and not data_cfg.workdir:
       # where a source writes its statistics (mixture_stats.json)
       data_cfg = dataclasses.replace(data_cfg, workdir=workdir)
+    self.data_cfg = data_cfg
     self.data = data_registry.build(data_cfg, model_cfg, seed=cfg.train.seed)
     self.step = make_train_step(self.model, tx, data_cfg, mesh=mesh, rules=rules,
                                 state_shardings=state_shardings, grad_accum_steps=accum,
@@ -268,7 +280,7 @@ def _train_stage(loop: StageLoop, state):
     if step == start or step % loop.log_every == 0 or step == stage.last_step:
       loss = float(metrics["loss"])  # blocks: the window's time covers finished steps only
       if not math.isfinite(loss):
-        raise FloatingPointError(f"loss became {loss} at step {step}")
+        raise FloatingPointError(f"loss became {loss} at step {step}" + _splash_hint(run))
       elapsed = time.perf_counter() - window_start
       record = {"loss": loss, "lr": float(loop.schedule(step - 1)), "seq_len": stage.seq_len,
                 "batch_size": stage.batch_size, "stage": stage.index,
