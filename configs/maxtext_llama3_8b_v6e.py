@@ -6,11 +6,16 @@
 # 419.485 TFLOP/s/device (MFU 0.457 of v6e's 918), 7,243 tokens/s/device.
 #
 # CHECK:     python -m ctxjax.aot --config=configs/maxtext_llama3_8b_v6e.py
-# Differences ctxjax cannot remove: MaxText ran splash attention (a Pallas kernel; ctxjax.aot
-# compiles on a CPU host, where `auto` resolves to the blockwise XLA kernel), remat "custom" with
-# the layer input and q/k/v/out projections offloaded to host memory (ctxjax: remat "full", no
-# host offload, so the forward is recomputed: more FLOPs), one step of 3 rows per chip (ctxjax:
-# 3 accumulated micro-batches of 1 row, so FSDP gathers the weights 3 times), MaxText's XLA flags (collective/compute overlap, SparseCore offload);
+# EXPECTED:  2026-12-06, 2-core CPU host with libtpu, compile ~64 s: FITS 21.33 GiB per chip,
+#            predicted 3.07 s/step (MFU 0.505) against MaxText's published 3.393 s
+#            (benchmarks/README.md, "Predicted step time ... vs a published MaxText run").
+# Attention: splash, as MaxText ran (`auto` on a TPU for packed data, docs/pods.md); the
+# blockwise XLA kernel: --config.model.attention_impl=blockwise (predicted 3.45 s on 2026-12-05).
+# Differences ctxjax cannot remove: remat "custom" with the layer input and q/k/v/out projections
+# offloaded to host memory (ctxjax: remat "full", no host offload, so the forward is recomputed:
+# more FLOPs), one step of 3 rows per chip (ctxjax: 3 accumulated micro-batches of 1 row, so
+# FSDP gathers the weights 3 times), MaxText's XLA flags (collective/compute overlap, SparseCore
+# offload);
 # ctxjax keeps fp32 AdamW moments (MaxText: same default). Model dims are the Hugging Face
 # meta-llama/Llama-3.1-8B config.json values.
 import ml_collections
@@ -29,7 +34,7 @@ ACCUM = 3
 def get_config(remat: str = "full"):
   config = ml_collections.ConfigDict()
   config.model = _llama2.model("7b", max_position_embeddings=SEQ_LEN, rope_theta=5e5,
-                               attention_impl="blockwise", remat_policy=remat)
+                               attention_impl="auto", remat_policy=remat)
   config.model.update(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8)
   config.data = ml_collections.ConfigDict(dict(

@@ -24,8 +24,9 @@ Kernels: TPU mode chooses kernels as a TPU run does (`fused.kernels_for("tpu")`)
 `attention_impl="auto"` compiles splash (Pallas) where its index-built masks equal the
 position rule — causal / sliding-window training on packed data, whose positions the train
 step vouches for — and blockwise otherwise (ctxjax/attention/fused.py). Splash's Mosaic
-kernels carry no cost in the HLO: the roofline counts them and says it leaves them out. CPU
-mode keeps the host's choice (blockwise: the cuDNN call does not lower on CPU). Context
+kernels carry no cost in the HLO: the roofline costs them from their shapes and mask
+(hlo_costs.splash_cost). CPU mode keeps the host's choice (blockwise: the cuDNN call does not
+lower on CPU). Context
 parallelism ("ring"/"all_gather") is the same code on every backend.
 """
 from __future__ import annotations
@@ -200,13 +201,28 @@ def check_stage(cfg, stage, target: Target, mfu: float, hlo_dir: str | None = No
     os.makedirs(hlo_dir, exist_ok=True)
     with open(os.path.join(hlo_dir, f"stage{stage.index}.hlo.txt"), "w", encoding="utf-8") as f:
       f.write(hlo_text)
-  report.update(predicted_report(hlo_text, mesh, target, model_flops, model_cfg))
+  report.update(predicted_report(hlo_text, mesh, target, model_flops, model_cfg,
+                                stage.seq_len))
   if not target.memory_verdict:
     report["fits"] = None
   return report
 
 
-def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, model_cfg) -> dict:
+def splash_density(model_cfg, seq_len: int) -> float:
+  """The fraction of splash's block pairs (fused._SPLASH_BLOCK) that its mask keeps: n(n+1)/2
+  of n^2 causal, a band of about window/block + 1 blocks per row for a sliding window."""
+  from ctxjax.attention import fused
+  n = max(1, seq_len // fused._SPLASH_BLOCK)
+  pattern = model_cfg.attention_pattern
+  if pattern.kind == "causal":
+    return (n + 1) / (2 * n)
+  if pattern.kind == "sliding_window":
+    return min(1.0, (-(-(pattern.window - 1) // fused._SPLASH_BLOCK) + 1) / n)
+  return 1.0
+
+
+def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, model_cfg,
+                     seq_len: int) -> dict:
   """The roofline prediction from the compiled program (ctxjax/roofline.py): its terms, step
   time, binding term and MFU, and the HLO matmul FLOPs against the model's count."""
   from ctxjax import hlo_costs, roofline
@@ -216,7 +232,9 @@ def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, mo
   # meets a fully visible key shard at every step (no load balancing), so all of them.
   causal = (model_cfg.attention_pattern.kind == "causal"
             and model_cfg.attention_impl != "ring")
-  costs = hlo_costs.program_costs(hlo_text, causal_visits=causal)
+  costs = hlo_costs.program_costs(hlo_text, causal_visits=causal,
+                                  splash_density=splash_density(model_cfg, seq_len),
+                                  attention=(seq_len, model_cfg.head_dim))
   pred = roofline.predict(costs, roofline.MeshInfo.from_mesh(mesh), target.chip, model_flops,
                           chips)
   pred["causal_visits"] = causal
@@ -272,10 +290,13 @@ def format_prediction(r: dict) -> list[str]:
            f"{p['serial_sec']:.3g} s) -> MFU {p['mfu']:.3f}, "
            f"{r['tokens_per_step'] / p['step_sec']:,.0f} tokens/s; {r['steps']} steps = "
            f"{p['step_sec'] * r['steps'] / 3600:.3g} h"]
+  if p.get("splash_calls"):
+    lines.append(f"  kernels   {p['splash_calls']:,.0f} splash attention kernel calls per step, "
+                 f"costed from their shapes and mask (hlo_costs.splash_cost)")
   if p.get("kernel_calls"):
-    lines.append(f"  kernels   {p['kernel_calls']:,.0f} Mosaic kernel calls per step (splash "
-                 f"attention) carry no cost in the HLO and are left out of these terms: the "
-                 f"prediction is short by their time")
+    lines.append(f"  kernels   {p['kernel_calls']:,.0f} other Mosaic kernel calls per step carry "
+                 f"no cost in the HLO and are left out of these terms: the prediction is short "
+                 f"by their time")
   for key, c in list(p["comm"].items())[:4]:
     lines.append(f"  comm      {key}: {c['count']:,.0f} x, {c['bytes'] / GiB:.2f} GiB, "
                  f"{c['seconds']:.3g} s")

@@ -70,7 +70,39 @@ class ProgramCosts:
   # ^ (matmul FLOPs, HBM bytes, executions) of every instruction that runs outside a fusion
   loops: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (while, trip count)
   dynamic_loops: int = 0     # data-dependent trip counts, taken as the enclosing loop's
-  kernel_calls: float = 0.0  # executions of Mosaic (Pallas) kernels: no FLOPs / bytes in the HLO
+  kernel_calls: float = 0.0  # executions of Mosaic (Pallas) kernels with no cost model here
+  splash_calls: float = 0.0  # executions of splash attention's kernels, costed by `splash_cost`
+
+
+# Splash attention's Mosaic kernels (jax.experimental.pallas.ops.tpu.splash_attention) carry no
+# cost in the HLO. Each computes T x S x D matmuls per query head over its visible blocks:
+# forward S = QK^T and O = PV; the dq kernel recomputes S, then dP = dO V^T and dQ = dS K; the
+# dkv kernel recomputes S and dP, then dV = P^T dO and dK = dS^T Q (no fused backward).
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH_NAME = re.compile(r"splash_m[qh]a_(fwd|dq|dkv)_")
+
+
+def splash_cost(instr: Instr, shapes: dict[str, str], density: float,
+                attention: tuple[int, int] | None) -> tuple[float, float] | None:
+  """(matmul FLOPs, HBM bytes) of one splash kernel call, or None if `instr` is not one or
+  `attention` = (T, head_dim) is unknown. The queries are its largest operand or result shaped
+  [..., T, head_dim] (self-attention: S = T; XLA may drop unit dimensions); `density` is the
+  fraction of block pairs its mask keeps (causal ~ (n + 1) / 2n). Bytes: its operands and
+  results, each moved once (the scores stay in VMEM)."""
+  kind = _SPLASH_NAME.search(instr.name)
+  if kind is None or attention is None:
+    return None
+  candidates = [dims for _, dims, _ in arrays(instr.shape)]
+  candidates += [dims_of(shapes[o]) for o in instr.operands if o in shapes]
+  queries = [d for d in candidates if tuple(d[-2:]) == tuple(attention)]
+  if not queries:
+    return None
+  length, head_dim = attention
+  rows = max(math.prod(d[:-2]) for d in queries)   # query heads x rows on this device
+  flops = 2.0 * SPLASH_MATMULS[kind.group(1)] * rows * length * length * head_dim
+  hbm = shape_bytes(instr.shape, True) + sum(shape_bytes(shapes[o], True) for o in instr.operands
+                                             if o in shapes)
+  return flops * density, hbm
 
 
 def dot_flops(instr: Instr, shapes: dict[str, str]) -> float:
@@ -198,10 +230,13 @@ def _traffic(instr: Instr, shapes: dict[str, str], body: list[Instr] | None,
   return total
 
 
-def program_costs(hlo_text: str, causal_visits: bool = False) -> ProgramCosts:
+def program_costs(hlo_text: str, causal_visits: bool = False, splash_density: float = 1.0,
+                  attention: tuple[int, int] | None = None) -> ProgramCosts:
   """Walk the module from ENTRY; loop bodies counted trip-count times. A data-dependent loop
   runs its enclosing loop's count n (every block pair of a square grid visible), or with
-  `causal_visits` (n + 1) / 2 on average (causal pairs of one device's own sequence)."""
+  `causal_visits` (n + 1) / 2 on average (causal pairs of one device's own sequence).
+  splash_density, attention = (T, head_dim): what `splash_cost` needs to cost splash's
+  kernels (without them they are counted in `kernel_calls`, uncosted)."""
   comps, entry = parse_module(hlo_text)
   by_name = {i.name: i for body in comps.values() for i in body}
   shapes = {name: i.shape for name, i in by_name.items()}
@@ -243,7 +278,14 @@ def program_costs(hlo_text: str, causal_visits: bool = False) -> ProgramCosts:
         collective(instr, times)
       elif op == "custom-call" and "tpu_custom_call" in (
           attr(instr.attrs, "custom_call_target") or ""):
-        costs.kernel_calls += times
+        cost = splash_cost(instr, shapes, splash_density, attention)
+        if cost is None:
+          costs.kernel_calls += times
+        else:
+          costs.splash_calls += times
+          costs.matmul_flops += times * cost[0]
+          costs.hbm_bytes += times * cost[1]
+          costs.ops.append((cost[0], cost[1], times))
       elif op not in NO_TRAFFIC:
         flops = own_flops(instr)
         fused = called(instr.attrs, "calls") if op == "fusion" else []

@@ -126,4 +126,5 @@ def predict(costs: ProgramCosts, mesh: MeshInfo, chip: ChipSpec, model_flops: fl
           "mfu": model_flops / (chips * chip.peak_flops * step) if step else None,
           "hlo_flops_per_chip": costs.matmul_flops, "hbm_bytes_per_chip": costs.hbm_bytes,
           "comm": comm_by_axes(rows), "loops": len(costs.loops),
-          "dynamic_loops": costs.dynamic_loops, "kernel_calls": costs.kernel_calls}
+          "dynamic_loops": costs.dynamic_loops, "kernel_calls": costs.kernel_calls,
+          "splash_calls": costs.splash_calls}

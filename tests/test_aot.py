@@ -291,21 +291,31 @@ def test_splash_compiles_under_a_tpu_mesh(libtpu, monkeypatch, kind):
     lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args)
   hlo = lowered.compile().as_text()
   assert 'custom_call_target="tpu_custom_call"' in hlo
+  # The roofline's splash cost: forward (2 matmuls), dq (3) and dkv (4) kernels over the mask's
+  # block pairs, on each device's rows and heads (nothing else in this program is a matmul).
+  from ctxjax import hlo_costs  # noqa: PLC0415
+  blocks = length // 128
+  density = (blocks + 1) / (2 * blocks) if kind == "causal" else 1.0
+  costs = hlo_costs.program_costs(hlo, splash_density=density, attention=(length, head_dim))
+  assert (costs.splash_calls, costs.kernel_calls) == (3, 0)
+  per_device = (batch // 2) * (heads // 2) * length * length * head_dim
+  assert costs.matmul_flops == pytest.approx(2 * (2 + 3 + 4) * per_device * density)
 
 
 @needs_libtpu
 def test_tpu_compile_runs_the_kernel_a_tpu_picks(libtpu):
   """Packed training at T=256 on a TPU: `auto` compiles splash (the step vouches for packed
-  positions), per device under the fsdp mesh; the roofline counts its kernel calls and says it
-  leaves them out (Mosaic kernels carry no cost in the HLO)."""
+  positions), per device under the fsdp mesh, and the roofline costs its kernels."""
   config = _tiny_config()
   config.mesh.update(ici_fsdp=4, ici_context=1)
   config.data.update(seq_len=256, batch_size=4)
   [r] = aot.run(config, topology="v5p-8", devices=None, stage=None, mfu=0.5)
   assert r["fits"] is True and r["attention_impl"] == "auto"
-  assert r["predicted"]["kernel_calls"] > 0
-  assert "Mosaic kernel calls per step" in aot.format_report(r)
+  p = r["predicted"]
+  assert p["splash_calls"] > 0 and p["kernel_calls"] == 0 and p["dynamic_loops"] == 0
+  assert 0.9 < r["hlo_over_model_flops"] < 1.6
+  assert "splash attention kernel calls per step" in aot.format_report(r)
   config.data.position_ids = "pose"  # positions the step cannot vouch for: blockwise
   config.data.max_position_id = 1024
   [r] = aot.run(config, topology="v5p-8", devices=None, stage=None, mfu=0.5)
-  assert r["predicted"]["kernel_calls"] == 0
+  assert r["predicted"]["splash_calls"] == 0 and r["predicted"]["dynamic_loops"] > 0
