@@ -26,8 +26,7 @@ position rule — causal / sliding-window training on packed data, whose positio
 step vouches for — and blockwise otherwise (ctxjax/attention/fused.py). Splash's Mosaic
 kernels carry no cost in the HLO: the roofline costs them from their shapes and mask
 (hlo_costs.splash_cost). CPU mode keeps the host's choice (blockwise: the cuDNN call does not
-lower on CPU). Context
-parallelism ("ring"/"all_gather") is the same code on every backend.
+lower on CPU). Context parallelism ("ring"/"all_gather") is the same code on every backend.
 """
 from __future__ import annotations
 
@@ -155,9 +154,9 @@ def lower_stage(cfg, stage, devices):
 
 def check_stage(cfg, stage, target: Target, mfu: float, hlo_dir: str | None = None) -> dict:
   """Lower and compile stage `stage` of `cfg` (a RunConfig) for `target`; the report."""
+  from ctxjax.attention import fused
   from ctxjax.model.flops import param_count, train_flops_per_token
 
-  from ctxjax.attention import fused
   start = time.perf_counter()
   with fused.kernels_for(target.kernel_platform):  # e.g. splash where a TPU run picks it
     lowered, model_cfg, mesh = lower_stage(cfg, stage, target.devices)

@@ -24,8 +24,11 @@ computes exactly what `reference` computes for the given call on the current bac
           ALiBi. Under a mesh (jax.set_mesh) it runs per device in a shard_map (rows and kv
           heads split, the sequence whole), since XLA does not partition a Mosaic kernel.
           `CTXJAX_SPLASH_INTERPRET=1` runs the Pallas interpreter on CPU (tests).
-  auto    TPU: splash if it is exact for the call; GPU: cudnn likewise; else blockwise (exact
-          for any positions). `select_kernel` is the decision, by the static facts of the call.
+  auto    TPU: splash if it is exact for the call (causal / sliding window: when the caller
+          vouches for contiguous positions, as the train step does for packed data; the promise
+          is checked on the device and a batch that breaks it gets NaN, never a different
+          attention); GPU: cudnn likewise; else blockwise (exact for any positions).
+          `select_kernel` is the decision, by the static facts of the call.
 A forced kernel that cannot compute the call exactly raises a one-line ValueError naming the
 reason and the alternative.
 """
