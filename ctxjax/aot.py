@@ -207,24 +207,12 @@ def check_stage(cfg, stage, target: Target, mfu: float, hlo_dir: str | None = No
   return report
 
 
-def splash_density(model_cfg, seq_len: int) -> float:
-  """The fraction of splash's block pairs (fused._SPLASH_BLOCK) that its mask keeps: n(n+1)/2
-  of n^2 causal, a band of about window/block + 1 blocks per row for a sliding window."""
-  from ctxjax.attention import fused
-  n = max(1, seq_len // fused._SPLASH_BLOCK)
-  pattern = model_cfg.attention_pattern
-  if pattern.kind == "causal":
-    return (n + 1) / (2 * n)
-  if pattern.kind == "sliding_window":
-    return min(1.0, (-(-(pattern.window - 1) // fused._SPLASH_BLOCK) + 1) / n)
-  return 1.0
-
-
 def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, model_cfg,
                      seq_len: int) -> dict:
   """The roofline prediction from the compiled program (ctxjax/roofline.py): its terms, step
   time, binding term and MFU, and the HLO matmul FLOPs against the model's count."""
   from ctxjax import hlo_costs, roofline
+  from ctxjax.attention import fused
   chips = len(target.devices)
   # Blockwise attention's visit loops have data-dependent trip counts: without a ring a device
   # holds whole causal rows and visits ~half its block pairs; in a ring the busiest device
@@ -232,7 +220,8 @@ def predicted_report(hlo_text: str, mesh, target: Target, model_flops: float, mo
   causal = (model_cfg.attention_pattern.kind == "causal"
             and model_cfg.attention_impl != "ring")
   costs = hlo_costs.program_costs(hlo_text, causal_visits=causal,
-                                  splash_density=splash_density(model_cfg, seq_len),
+                                  splash_density=fused.splash_density(
+                                      model_cfg.attention_pattern, seq_len),
                                   attention=(seq_len, model_cfg.head_dim))
   pred = roofline.predict(costs, roofline.MeshInfo.from_mesh(mesh), target.chip, model_flops,
                           chips)

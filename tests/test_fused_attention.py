@@ -381,3 +381,12 @@ def test_the_promise_reaches_only_kernels_that_take_it():
                  k_segment_ids=seg, pattern=make_pattern("causal"), impl=impl,
                  contiguous_positions=True)
     _assert_equal((out, None), _reference("packed", "causal"))
+
+
+def test_a_forced_splash_never_takes_the_promise_unchecked(monkeypatch):
+  """attend hands contiguous_positions only to `auto`, which checks it: impl="splash" on a
+  causal call is still refused, so a false promise cannot reach it unchecked."""
+  monkeypatch.setattr(fused, "_backend", lambda: "tpu")
+  monkeypatch.setenv("CTXJAX_SPLASH_INTERPRET", "1")
+  with pytest.raises(ValueError, match="contiguous_positions=True"):
+    _run(functools.partial(attend, impl="splash", contiguous_positions=True), "pose", "causal")

@@ -31,8 +31,8 @@ def attend(q_BTHD, k_BSKD, v_BSKD, *, q_positions, k_positions, q_segment_ids, k
   positions / segment ids: int [batch, q_len] and [batch, kv_len] (segment 0 = padding; a
   query sees only keys of its own segment); alibi_slopes: float [heads] or None.
   contiguous_positions: the caller's static promise that within each segment positions step
-  by exactly 1 per token (packed data); kernels that build masks from token indices (`auto`
-  and `splash` on TPU, attention/fused.py) may use it, every other kernel ignores it.
+  by exactly 1 per token (packed data). `auto` may then run splash on a TPU, checking the
+  promise on the device (attention/fused.py); every other kernel ignores it.
   Returns [batch, q_len, heads, head_dim] in q's dtype.
   """
   kernel = IMPLEMENTATIONS.get(impl)

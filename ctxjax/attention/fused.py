@@ -162,6 +162,18 @@ def splash_unsupported(q, k, *, q_positions, k_positions, q_segment_ids, k_segme
   return None
 
 
+def splash_density(pattern, seq_len: int) -> float:
+  """The fraction of splash's block pairs (_SPLASH_BLOCK tokens square) that `pattern` keeps
+  at self-attention length `seq_len`: n(n+1)/2 of n^2 causal, a band of about window/block + 1
+  blocks per row for a sliding window, all of them for `full` (the roofline's splash cost)."""
+  n = max(1, seq_len // _SPLASH_BLOCK)
+  if pattern.kind == "causal":
+    return (n + 1) / (2 * n)
+  if pattern.kind == "sliding_window":
+    return min(1.0, (-(-(pattern.window - 1) // _SPLASH_BLOCK) + 1) / n)
+  return 1.0
+
+
 def _splash_kernel(kind: str, window: int | None, group: int, q_len: int, kv_len: int,
                    interpret: bool):
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -186,11 +198,10 @@ def _splash_kernel(kind: str, window: int | None, group: int, q_len: int, kv_len
                             head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-@register_implementation("splash")
 def splash_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segment_ids, pattern,
                      alibi_slopes=None, scale=None, contiguous_positions=False):
-  """contiguous_positions: static promise that positions step by exactly 1 per token within each
-  segment (module docstring); `attend` never makes it."""
+  """contiguous_positions: the caller's static promise that positions step by exactly 1 per
+  token within each segment (module docstring), taken on trust here; `auto` checks it."""
   reason = splash_unsupported(q, k, q_positions=q_positions, k_positions=k_positions,
                               q_segment_ids=q_segment_ids, k_segment_ids=k_segment_ids,
                               pattern=pattern, alibi_slopes=alibi_slopes,
@@ -216,6 +227,13 @@ def splash_attention(q, k, v, *, q_positions, k_positions, q_segment_ids, k_segm
 
   out = _per_device(local, q_BKGTD, k_BKSD, v_BKSD, q_segment_ids, k_segment_ids)
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+
+
+@register_implementation("splash")
+def _forced_splash(q, k, v, **kwargs):
+  """attend(impl="splash"): no contiguous_positions parameter, so `attend` never hands its
+  promise to this unchecked path (a causal call is refused; `auto` uses the promise, checked)."""
+  return splash_attention(q, k, v, **kwargs)
 
 
 def _per_device(local, q_BKGTD, k_BKSD, v_BKSD, q_seg, k_seg):

@@ -35,6 +35,13 @@ def cross_entropy(logits_BTV, targets_BT, loss_mask_BT):
   return jnp.sum(nll_BT * weight) / jnp.maximum(tokens, 1.0), tokens
 
 
+def vouches_for_positions(data_cfg: DataConfig) -> bool:
+  """Whether the train step promises the model contiguous positions (they step by 1 within each
+  segment, as packing makes them): for packed data, never for PoSE / randomized ids. Kernels
+  that use the promise (`auto`'s splash on TPU) check it on the device."""
+  return data_cfg.position_ids == "data"
+
+
 def training_positions(data_cfg: DataConfig, rng, positions_BT):
   """Position ids a training batch uses: the packed ones, or a training-time generator
   (randomized positional encodings, Ruoss et al. 2023; PoSE, Zhu et al. 2024)."""
@@ -124,9 +131,7 @@ def make_train_step(model: nn.Module, tx, data_cfg: DataConfig, *, mesh=None, ru
     raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
   data_cfg = coerce(DataConfig, data_cfg, "data")  # a DataConfig, or (library use) a mapping
 
-  # Packed positions step by 1 within each segment: the model may use kernels that build masks
-  # from token indices (splash on TPU), which check the promise on the device.
-  vouched = data_cfg.position_ids == "data"
+  vouched = vouches_for_positions(data_cfg)
 
   def nll_sum_fn(params, batch, rng):
     positions = training_positions(data_cfg, rng, batch["positions"])

@@ -34,14 +34,14 @@ from ctxjax.train.config import RunConfig, run_config
 from ctxjax.train.init_from import initial_params
 from ctxjax.train.metrics import MetricsWriter
 from ctxjax.train.optim import make_optimizer
-from ctxjax.train.step import init_state, make_eval_step, make_train_step
+from ctxjax.train.step import init_state, make_eval_step, make_train_step, vouches_for_positions
 
 
 def _splash_hint(run) -> str:
   """Why a loss may be NaN on a TPU: `auto` runs splash for packed data and gives NaN outputs for
   a batch whose positions do not step by 1 within each segment (attention/fused.py)."""
-  if jax.default_backend() != "tpu" or run.model_cfg.attention_impl != "auto" or (
-      run.data_cfg.position_ids != "data"):
+  if (jax.default_backend() != "tpu" or run.model_cfg.attention_impl != "auto"
+      or not vouches_for_positions(run.data_cfg)):
     return ""
   return (" (on a TPU, model.attention_impl=auto runs splash attention on packed data and "
           "gives NaN for a batch whose positions do not step by 1 within each segment: check "
